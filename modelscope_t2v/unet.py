@@ -1,0 +1,923 @@
+"""The space-time UNet of ModelScope Text-to-Video (arXiv 2308.06571, Sec. 3).
+
+A Stable-Diffusion 2D UNet made into a video model by folding frames into the batch, `(b f) c h w`,
+and adding temporal layers that unfold them again:
+
+    conv_in -> temporal_attention_in -> down levels -> mid -> up levels -> norm_out/conv_out
+
+Every level is a list of `SpaceTimeBlock`s (resnet -> temporal_conv -> [spatial_attention ->
+temporal_attention]) plus a down/upsampler. The temporal conv is 4 x [GroupNorm, SiLU, (Dropout),
+Conv3d (3,1,1)] with a residual and a zero-initialised last conv; the temporal attention is a
+transformer whose two attentions are both self-attention over the frames of one pixel (no positional
+embedding, GroupNorm eps 1e-6 over all frames). Spatial attention is the SD 2 transformer: linear
+proj_in/proj_out, self-attention, cross-attention to the text, GEGLU feed-forward.
+
+Behaviour worth knowing:
+- One-frame inputs (image batches in mixed image-video training) run through the temporal layers
+  like any clip: the temporal conv sees one frame with zero padding (only its centre taps act) and
+  the temporal attention attends to its single frame. This is what both references do (diffusers'
+  UNet3DConditionModel and the original UNetSD), and it is pinned by a parity test at f=1. To treat
+  images as frame-independent instead, call `set_temporal(attention=False, conv=False)`.
+- Latent sizes that are not multiples of 2**(levels-1) work: every upsampler resizes to the size of
+  the skip connection it is concatenated with (diffusers' behaviour; the original fails there).
+- `dropout` is used by the temporal convs (both references hard-code 0.1 there) and by the resnets
+  (the original passes unet_dropout = 0.1; diffusers' port drops it). It only matters in training.
+
+Checkpoint layouts: `unet_diffusers_table` and `unet_original_table` map the two released layouts
+onto the names used here; see `modelscope_t2v.convert.apply_table`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+from typing import Any, Mapping
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange, repeat
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from modelscope_t2v.convert import Rename, Rule
+
+
+# ---------------------------------------------------------------------------------------------
+# Config
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class UNetConfig:
+    in_channels: int = 4
+    out_channels: int = 4
+    # channels of each resolution level, from full resolution down; the mid block uses the last
+    block_channels: tuple[int, ...] = (320, 640, 1280, 1280)
+    # resnets per down level (every up level has one more, for the extra skip connection)
+    layers_per_block: int = 2
+    # which levels (from full resolution down) have spatial + temporal attention; the mid block
+    # always has both. Up levels mirror the down levels.
+    attention_levels: tuple[bool, ...] = (True, True, True, False)
+    cross_attention_dim: int = 1024  # width of the text embeddings
+    # width of one attention head; heads = channels / head_dim (diffusers calls it
+    # attention_head_dim, the original unet_head_dim)
+    head_dim: int = 64
+    # heads of the temporal transformer right after conv_in; its inner width is
+    # temporal_in_heads * head_dim (512), not the channel count (diffusers hard-codes 8)
+    temporal_in_heads: int = 8
+    norm_groups: int = 32
+    norm_eps: float = 1e-5  # resnets, temporal convs and norm_out; the transformers use 1e-6
+    sample_size: int = 32  # nominal latent size (informational: any size runs)
+    dropout: float = 0.1  # temporal convs and resnets, in training
+    # optional guidance-scale embedding (T2V-Turbo-MS style, diffusers' time_cond_proj_dim): a
+    # bias-free Linear(timestep_cond_dim -> block_channels[0]) added to the sinusoidal embedding
+    timestep_cond_dim: int | None = None
+
+    def __post_init__(self) -> None:
+        self.block_channels = tuple(int(c) for c in self.block_channels)
+        self.attention_levels = tuple(bool(a) for a in self.attention_levels)
+        if not self.block_channels:
+            raise ValueError("UNetConfig.block_channels must name at least one level")
+        if len(self.attention_levels) != len(self.block_channels):
+            raise ValueError(
+                f"UNetConfig.attention_levels has {len(self.attention_levels)} entries but "
+                f"block_channels has {len(self.block_channels)}; give one per level"
+            )
+        if self.layers_per_block < 1:
+            raise ValueError(f"UNetConfig.layers_per_block must be >= 1, got {self.layers_per_block}")
+        for c in self.block_channels:
+            if c % self.norm_groups:
+                raise ValueError(
+                    f"UNetConfig.block_channels entry {c} is not divisible by norm_groups={self.norm_groups}"
+                )
+        attended = [c for c, a in zip(self.block_channels, self.attention_levels) if a]
+        for c in attended + [self.block_channels[-1]]:
+            if c % self.head_dim:
+                raise ValueError(
+                    f"UNetConfig.block_channels entry {c} (a level with attention, or the mid block) "
+                    f"is not divisible by head_dim={self.head_dim}"
+                )
+        if self.timestep_cond_dim is not None and self.timestep_cond_dim < 1:
+            raise ValueError(
+                f"UNetConfig.timestep_cond_dim must be None or >= 1, got {self.timestep_cond_dim}"
+            )
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "UNetConfig":
+        """Inverse of `dataclasses.asdict` (also after a JSON round trip); unknown keys are an error."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"UNetConfig.from_dict: unknown field(s) {unknown}; known: {sorted(known)}")
+        return cls(**d)
+
+
+# ---------------------------------------------------------------------------------------------
+# Helpers
+# ---------------------------------------------------------------------------------------------
+
+
+def timestep_embedding(timesteps: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
+    """Sinusoidal embedding of (b,) timesteps -> (b, dim) float32, cos half first, no frequency shift."""
+    half = dim // 2
+    exponent = -math.log(max_period) * torch.arange(half, dtype=torch.float32, device=timesteps.device)
+    freqs = torch.exp(exponent / half)  # half
+    args = timesteps.float()[:, None] * freqs[None, :]  # b half
+    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)  # b (2 half)
+    return F.pad(emb, (0, dim % 2))  # b dim
+
+
+# ---------------------------------------------------------------------------------------------
+# Blocks
+# ---------------------------------------------------------------------------------------------
+
+
+class TimestepMLP(nn.Module):
+    """Sinusoidal embedding -> Linear -> SiLU -> Linear (to 4x the first level's width)."""
+
+    def __init__(self, dim: int, embed_dim: int, cond_dim: int | None = None):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, embed_dim)
+        self.fc2 = nn.Linear(embed_dim, embed_dim)
+        self.cond_proj = nn.Linear(cond_dim, dim, bias=False) if cond_dim is not None else None
+
+    def forward(self, t_emb: Tensor, cond: Tensor | None = None) -> Tensor:
+        if cond is not None:
+            t_emb = t_emb + self.cond_proj(cond)  # b dim
+        return self.fc2(F.silu(self.fc1(t_emb)))  # b embed_dim
+
+
+class ResBlock(nn.Module):
+    """GroupNorm-SiLU-Conv, add the time embedding, GroupNorm-SiLU-Dropout-Conv, residual."""
+
+    def __init__(self, in_ch: int, out_ch: int, embed_dim: int, groups: int, eps: float, dropout: float):
+        super().__init__()
+        self.in_norm = nn.GroupNorm(groups, in_ch, eps=eps)
+        self.in_conv = nn.Conv2d(in_ch, out_ch, 3, padding=1)
+        self.time_proj = nn.Linear(embed_dim, out_ch)
+        self.out_norm = nn.GroupNorm(groups, out_ch, eps=eps)
+        self.dropout = nn.Dropout(dropout)
+        self.out_conv = nn.Conv2d(out_ch, out_ch, 3, padding=1)
+        self.shortcut = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
+
+    def forward(self, x: Tensor, emb: Tensor) -> Tensor:
+        h = self.in_conv(F.silu(self.in_norm(x)))  # (b f) o h w
+        h = h + self.time_proj(F.silu(emb))[:, :, None, None]  # (b f) o h w
+        h = self.out_conv(self.dropout(F.silu(self.out_norm(h))))  # (b f) o h w
+        return self.shortcut(x) + h  # (b f) o h w
+
+
+class TemporalConvBlock(nn.Module):
+    """4 x [GroupNorm -> SiLU -> Dropout (not before the first conv) -> Conv3d (3,1,1)], residual.
+
+    The last conv starts at zero, so a fresh block is the identity (the 2D model, frame by frame)."""
+
+    def __init__(self, ch: int, groups: int, eps: float, dropout: float):
+        super().__init__()
+        self.norms = nn.ModuleList([nn.GroupNorm(groups, ch, eps=eps) for _ in range(4)])
+        self.convs = nn.ModuleList([nn.Conv3d(ch, ch, (3, 1, 1), padding=(1, 0, 0)) for _ in range(4)])
+        self.dropout = nn.Dropout(dropout)
+        nn.init.zeros_(self.convs[-1].weight)
+        nn.init.zeros_(self.convs[-1].bias)
+        self.enabled = True  # set_temporal(conv=False) skips the block
+
+    def forward(self, x: Tensor, num_frames: int) -> Tensor:
+        if not self.enabled:
+            return x  # (b f) c h w
+        h = rearrange(x, "(b f) c h w -> b c f h w", f=num_frames)  # b c f h w
+        residual = h  # b c f h w
+        for i, (norm, conv) in enumerate(zip(self.norms, self.convs)):
+            h = F.silu(norm(h))  # b c f h w, statistics over all frames
+            h = conv(self.dropout(h) if i > 0 else h)  # b c f h w
+        return rearrange(residual + h, "b c f h w -> (b f) c h w")  # (b f) c h w
+
+
+class Attention(nn.Module):
+    """Multi-head attention; keys and values come from `context` (cross) or from `x` (self)."""
+
+    def __init__(self, dim: int, heads: int, head_dim: int, context_dim: int | None = None):
+        super().__init__()
+        inner = heads * head_dim
+        self.heads = heads
+        self.q_proj = nn.Linear(dim, inner, bias=False)
+        self.k_proj = nn.Linear(context_dim or dim, inner, bias=False)
+        self.v_proj = nn.Linear(context_dim or dim, inner, bias=False)
+        self.out_proj = nn.Linear(inner, dim)
+
+    def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:
+        context = x if context is None else context  # n m c'
+        q = rearrange(self.q_proj(x), "n l (h d) -> n h l d", h=self.heads)  # n h l d
+        k = rearrange(self.k_proj(context), "n m (h d) -> n h m d", h=self.heads)  # n h m d
+        v = rearrange(self.v_proj(context), "n m (h d) -> n h m d", h=self.heads)  # n h m d
+        out = F.scaled_dot_product_attention(q, k, v)  # n h l d
+        return self.out_proj(rearrange(out, "n h l d -> n l (h d)"))  # n l c
+
+
+class GEGLUFeedForward(nn.Module):
+    """Linear to 2 x 4 x dim, value * GELU(gate), Linear back (Shazeer 2020)."""
+
+    def __init__(self, dim: int, mult: int = 4):
+        super().__init__()
+        self.proj_in = nn.Linear(dim, dim * mult * 2)
+        self.proj_out = nn.Linear(dim * mult, dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        value, gate = self.proj_in(x).chunk(2, dim=-1)  # n l 4c, n l 4c
+        return self.proj_out(value * F.gelu(gate))  # n l c
+
+
+class TransformerBlock(nn.Module):
+    """Pre-norm self-attention, a second attention, GEGLU feed-forward, each residual.
+
+    The second attention attends to `context` (cross-attention to the text) when the block is built
+    with a context_dim, and is a second self-attention otherwise (the temporal transformers)."""
+
+    def __init__(self, dim: int, heads: int, head_dim: int, context_dim: int | None):
+        super().__init__()
+        self.self_attn_norm = nn.LayerNorm(dim)
+        self.self_attn = Attention(dim, heads, head_dim)
+        self.cross_attn_norm = nn.LayerNorm(dim)
+        self.cross_attn = Attention(dim, heads, head_dim, context_dim)
+        self.ff_norm = nn.LayerNorm(dim)
+        self.ff = GEGLUFeedForward(dim)
+        self.chunk_size: int | None = None  # feed-forward chunking (memory only), see UNet3D
+        self.chunk_dim = 0
+
+    def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:
+        x = x + self.self_attn(self.self_attn_norm(x))  # n l c
+        x = x + self.cross_attn(self.cross_attn_norm(x), context)  # n l c
+        return x + self._feed_forward(self.ff_norm(x))  # n l c
+
+    def _feed_forward(self, x: Tensor) -> Tensor:
+        if self.chunk_size is None:
+            return self.ff(x)  # n l c
+        chunks = x.split(self.chunk_size, dim=self.chunk_dim)  # pieces of n l c
+        return torch.cat([self.ff(c) for c in chunks], dim=self.chunk_dim)  # n l c
+
+
+class SpatialTransformer(nn.Module):
+    """Attention over the h*w pixels of each frame, cross-attending to the text."""
+
+    def __init__(self, ch: int, head_dim: int, context_dim: int, groups: int):
+        super().__init__()
+        self.norm = nn.GroupNorm(groups, ch, eps=1e-6)
+        self.proj_in = nn.Linear(ch, ch)
+        self.block = TransformerBlock(ch, ch // head_dim, head_dim, context_dim)
+        self.proj_out = nn.Linear(ch, ch)
+
+    def forward(self, x: Tensor, context: Tensor) -> Tensor:
+        height, width = x.shape[-2:]
+        h = rearrange(self.norm(x), "n c h w -> n (h w) c")  # (b f) (h w) c
+        h = self.proj_out(self.block(self.proj_in(h), context))  # (b f) (h w) c
+        return x + rearrange(h, "n (h w) c -> n c h w", h=height, w=width)  # (b f) c h w
+
+
+class TemporalTransformer(nn.Module):
+    """Attention over the frames of each pixel: two self-attentions, no positional embedding."""
+
+    def __init__(self, ch: int, heads: int, head_dim: int, groups: int):
+        super().__init__()
+        inner = heads * head_dim
+        self.norm = nn.GroupNorm(groups, ch, eps=1e-6)
+        self.proj_in = nn.Linear(ch, inner)
+        self.block = TransformerBlock(inner, heads, head_dim, context_dim=None)
+        self.proj_out = nn.Linear(inner, ch)
+        self.enabled = True  # set_temporal(attention=False) skips the layer
+
+    def forward(self, x: Tensor, num_frames: int) -> Tensor:
+        if not self.enabled:
+            return x  # (b f) c h w
+        b = x.shape[0] // num_frames
+        height, width = x.shape[-2:]
+        h = self.norm(rearrange(x, "(b f) c h w -> b c f h w", f=num_frames))  # b c f h w
+        h = rearrange(h, "b c f h w -> (b h w) f c")  # (b h w) f c
+        h = self.proj_out(self.block(self.proj_in(h)))  # (b h w) f c
+        h = rearrange(h, "(b h w) f c -> (b f) c h w", b=b, h=height, w=width)  # (b f) c h w
+        return x + h  # (b f) c h w
+
+
+class Downsample(nn.Module):
+    """Stride-2 3x3 conv."""
+
+    def __init__(self, ch: int):
+        super().__init__()
+        self.conv = nn.Conv2d(ch, ch, 3, stride=2, padding=1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.conv(x)  # (b f) c h/2 w/2
+
+
+class Upsample(nn.Module):
+    """Nearest-neighbour resize to `size` (the next skip's size), then a 3x3 conv."""
+
+    def __init__(self, ch: int):
+        super().__init__()
+        self.conv = nn.Conv2d(ch, ch, 3, padding=1)
+
+    def forward(self, x: Tensor, size: tuple[int, int]) -> Tensor:
+        return self.conv(F.interpolate(x, size=size, mode="nearest"))  # (b f) c H W
+
+
+class SpaceTimeBlock(nn.Module):
+    """resnet -> temporal conv -> [spatial attention -> temporal attention]."""
+
+    def __init__(self, in_ch: int, out_ch: int, attention: bool, embed_dim: int, c: UNetConfig):
+        super().__init__()
+        self.resnet = ResBlock(in_ch, out_ch, embed_dim, c.norm_groups, c.norm_eps, c.dropout)
+        self.temporal_conv = TemporalConvBlock(out_ch, c.norm_groups, c.norm_eps, c.dropout)
+        if attention:
+            heads = out_ch // c.head_dim
+            self.spatial_attention = SpatialTransformer(out_ch, c.head_dim, c.cross_attention_dim, c.norm_groups)
+            self.temporal_attention = TemporalTransformer(out_ch, heads, c.head_dim, c.norm_groups)
+        else:
+            self.spatial_attention = None
+            self.temporal_attention = None
+
+    def forward(self, x: Tensor, emb: Tensor, context: Tensor, num_frames: int) -> Tensor:
+        x = self.resnet(x, emb)  # (b f) o h w
+        x = self.temporal_conv(x, num_frames)  # (b f) o h w
+        if self.spatial_attention is not None:
+            x = self.spatial_attention(x, context)  # (b f) o h w
+            x = self.temporal_attention(x, num_frames)  # (b f) o h w
+        return x
+
+
+class DownLevel(nn.Module):
+    def __init__(self, blocks: list[SpaceTimeBlock], downsample: Downsample | None):
+        super().__init__()
+        self.blocks = nn.ModuleList(blocks)
+        self.downsample = downsample
+
+
+class UpLevel(nn.Module):
+    def __init__(self, blocks: list[SpaceTimeBlock], upsample: Upsample | None):
+        super().__init__()
+        self.blocks = nn.ModuleList(blocks)
+        self.upsample = upsample
+
+
+# ---------------------------------------------------------------------------------------------
+# The model
+# ---------------------------------------------------------------------------------------------
+
+
+class UNet3D(nn.Module):
+    """Noise prediction eps(x_t, t, text) for video latents `b c f h w`."""
+
+    def __init__(self, config: UNetConfig):
+        super().__init__()
+        if not isinstance(config, UNetConfig):
+            raise TypeError(f"UNet3D(config=...) needs a UNetConfig, got {type(config).__name__}")
+        self.config = c = config
+        ch0, levels = c.block_channels[0], len(c.block_channels)
+        embed_dim = 4 * ch0
+        self.time_mlp = TimestepMLP(ch0, embed_dim, c.timestep_cond_dim)
+        self.conv_in = nn.Conv2d(c.in_channels, ch0, 3, padding=1)
+        self.temporal_attention_in = TemporalTransformer(ch0, c.temporal_in_heads, c.head_dim, c.norm_groups)
+
+        # down: remember the width of every skip connection, in the order they are produced
+        skip_channels, ch = [ch0], ch0
+        self.down_levels = nn.ModuleList()
+        for i, (out, attn) in enumerate(zip(c.block_channels, c.attention_levels)):
+            blocks = []
+            for _ in range(c.layers_per_block):
+                blocks.append(SpaceTimeBlock(ch, out, attn, embed_dim, c))
+                ch = out
+                skip_channels.append(ch)
+            downsample = Downsample(ch) if i < levels - 1 else None
+            if downsample is not None:
+                skip_channels.append(ch)
+            self.down_levels.append(DownLevel(blocks, downsample))
+
+        # mid: one block with attention, one without
+        self.mid_blocks = nn.ModuleList(
+            [SpaceTimeBlock(ch, ch, True, embed_dim, c), SpaceTimeBlock(ch, ch, False, embed_dim, c)]
+        )
+
+        # up: mirror of the down path, each block consumes one skip connection
+        self.up_levels = nn.ModuleList()
+        for i in range(levels):
+            out, attn = c.block_channels[levels - 1 - i], c.attention_levels[levels - 1 - i]
+            blocks = []
+            for _ in range(c.layers_per_block + 1):
+                blocks.append(SpaceTimeBlock(ch + skip_channels.pop(), out, attn, embed_dim, c))
+                ch = out
+            self.up_levels.append(UpLevel(blocks, Upsample(ch) if i < levels - 1 else None))
+
+        self.norm_out = nn.GroupNorm(c.norm_groups, ch0, eps=c.norm_eps)
+        self.conv_out = nn.Conv2d(ch0, c.out_channels, 3, padding=1)
+        self.gradient_checkpointing = False
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.parameters()).dtype
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    def forward(
+        self,
+        sample: Tensor,
+        timestep: Tensor | float | int,
+        encoder_hidden_states: Tensor,
+        timestep_cond: Tensor | None = None,
+    ) -> Tensor:
+        """sample (b, c, f, h, w); timestep a number, a 0-d or (b,) tensor; encoder_hidden_states
+        (b, n, cross_attention_dim); timestep_cond (b, timestep_cond_dim) or None.
+        Returns the noise prediction (b, out_channels, f, h, w)."""
+        b, f = self._check_inputs(sample, encoder_hidden_states, timestep_cond)  # batch, frames
+        t = self._timesteps(timestep, b, sample.device)  # b
+        emb = timestep_embedding(t, self.config.block_channels[0]).to(self.dtype)  # b c0
+        emb = self.time_mlp(emb, timestep_cond)  # b 4c0
+        emb = repeat(emb, "b d -> (b f) d", f=f)  # (b f) 4c0
+        context = repeat(encoder_hidden_states, "b n d -> (b f) n d", f=f)  # (b f) n ctx
+
+        x = self.conv_in(rearrange(sample, "b c f h w -> (b f) c h w"))  # (b f) c0 h w
+        x = self._run(self.temporal_attention_in, x, f)  # (b f) c0 h w
+        skips = [x]  # every skip connection, (b f) ci hi wi, consumed last-in first-out
+        for level in self.down_levels:
+            for block in level.blocks:
+                x = self._run(block, x, emb, context, f)  # (b f) ci hi wi
+                skips.append(x)
+            if level.downsample is not None:
+                x = level.downsample(x)  # (b f) ci hi/2 wi/2
+                skips.append(x)
+
+        for block in self.mid_blocks:
+            x = self._run(block, x, emb, context, f)  # (b f) cL hL wL
+
+        for level in self.up_levels:
+            for block in level.blocks:
+                x = torch.cat([x, skips.pop()], dim=1)  # (b f) (ci + cskip) hi wi
+                x = self._run(block, x, emb, context, f)  # (b f) ci hi wi
+            if level.upsample is not None:
+                x = level.upsample(x, skips[-1].shape[-2:])  # (b f) ci h(i-1) w(i-1)
+
+        x = self.conv_out(F.silu(self.norm_out(x)))  # (b f) c_out h w
+        return rearrange(x, "(b f) c h w -> b c f h w", b=b)  # b c_out f h w
+
+    def _run(self, module: nn.Module, *args: Any) -> Tensor:
+        if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+            return checkpoint(module, *args, use_reentrant=False)
+        return module(*args)
+
+    def _check_inputs(self, sample: Tensor, context: Tensor, timestep_cond: Tensor | None) -> tuple[int, int]:
+        c = self.config
+        if sample.ndim != 5 or sample.shape[1] != c.in_channels:
+            raise ValueError(
+                f"UNet3D: sample must be (b, {c.in_channels}, f, h, w), got {tuple(sample.shape)}"
+            )
+        b, f = sample.shape[0], sample.shape[2]
+        if context.ndim != 3 or context.shape[0] != b or context.shape[2] != c.cross_attention_dim:
+            raise ValueError(
+                f"UNet3D: encoder_hidden_states must be ({b}, n, {c.cross_attention_dim}), "
+                f"got {tuple(context.shape)}"
+            )
+        if timestep_cond is not None:
+            if c.timestep_cond_dim is None:
+                raise ValueError("UNet3D: timestep_cond was given but config.timestep_cond_dim is None")
+            if tuple(timestep_cond.shape) != (b, c.timestep_cond_dim):
+                raise ValueError(
+                    f"UNet3D: timestep_cond must be ({b}, {c.timestep_cond_dim}), "
+                    f"got {tuple(timestep_cond.shape)}"
+                )
+        return b, f
+
+    @staticmethod
+    def _timesteps(timestep: Tensor | float | int, b: int, device: torch.device) -> Tensor:
+        t = torch.as_tensor(timestep, device=device)
+        if t.ndim == 0:
+            return t.expand(b)
+        if t.shape == (1,):
+            return t.expand(b)
+        if t.shape != (b,):
+            raise ValueError(
+                f"UNet3D: timestep must be a number, a 0-d tensor or ({b},), got {tuple(t.shape)}"
+            )
+        return t
+
+    # --- memory and ablation switches ----------------------------------------------------------
+
+    def enable_forward_chunking(self, chunk_size: int | None = None, dim: int = 0) -> None:
+        """Run every transformer feed-forward in chunks of `chunk_size` (default 1) along `dim`
+        (0: batch, 1: tokens). Saves activation memory; the output is unchanged."""
+        chunk_size = 1 if chunk_size is None else chunk_size
+        if dim not in (0, 1):
+            raise ValueError(f"enable_forward_chunking: dim must be 0 (batch) or 1 (tokens), got {dim}")
+        if not isinstance(chunk_size, int) or chunk_size < 1:
+            raise ValueError(
+                f"enable_forward_chunking: chunk_size must be a positive int, got {chunk_size!r}"
+            )
+        for m in self.modules():
+            if isinstance(m, TransformerBlock):
+                m.chunk_size, m.chunk_dim = chunk_size, dim
+
+    def disable_forward_chunking(self) -> None:
+        for m in self.modules():
+            if isinstance(m, TransformerBlock):
+                m.chunk_size, m.chunk_dim = None, 0
+
+    def enable_gradient_checkpointing(self) -> None:
+        """Recompute each block's activations in backward (torch.utils.checkpoint, non-reentrant);
+        active only in training mode with grad enabled."""
+        self.gradient_checkpointing = True
+
+    def disable_gradient_checkpointing(self) -> None:
+        self.gradient_checkpointing = False
+
+    def set_temporal(self, attention: bool = True, conv: bool = True) -> None:
+        """Switch the temporal attention layers (incl. the one after conv_in) and/or the temporal
+        convs on or off. With both off, every frame is processed independently (the 2D UNet)."""
+        for m in self.modules():
+            if isinstance(m, TemporalTransformer):
+                m.enabled = bool(attention)
+            elif isinstance(m, TemporalConvBlock):
+                m.enabled = bool(conv)
+
+
+# ---------------------------------------------------------------------------------------------
+# Configs of other layouts
+# ---------------------------------------------------------------------------------------------
+
+_DIFFUSERS_DOWN = {True: "CrossAttnDownBlock3D", False: "DownBlock3D"}
+_DIFFUSERS_UP = {True: "CrossAttnUpBlock3D", False: "UpBlock3D"}
+# Keys of diffusers' UNet3DConditionModel config that we read, and their only supported values.
+_DIFFUSERS_FIXED = {
+    "downsample_padding": 1, "mid_block_scale_factor": 1, "act_fn": "silu", "num_attention_heads": None,
+}
+_DIFFUSERS_KEYS = {
+    "sample_size", "in_channels", "out_channels", "down_block_types", "up_block_types",
+    "block_out_channels", "layers_per_block", "norm_num_groups", "norm_eps", "cross_attention_dim",
+    "attention_head_dim", "time_cond_proj_dim", *_DIFFUSERS_FIXED,
+}
+_OURS_IN_DIFFUSERS = {"dropout": 0.1}  # ours-only extra keys, written only when not the default
+
+
+def unet_config_from_diffusers(d: Mapping[str, Any]) -> UNetConfig:
+    """diffusers' unet/config.json (UNet3DConditionModel) -> UNetConfig; unsupported fields or values
+    raise a ValueError that names them."""
+    known = _DIFFUSERS_KEYS | set(_OURS_IN_DIFFUSERS)
+    unknown = sorted(k for k in d if not k.startswith("_") and k not in known)
+    if unknown:
+        raise ValueError(f"unet config: unsupported field(s) {unknown}")
+    for key, value in _DIFFUSERS_FIXED.items():
+        if key in d and d[key] != value:
+            raise ValueError(f"unet config: {key}={d[key]!r} is not supported (only {value!r})")
+    channels = tuple(d.get("block_out_channels", (320, 640, 1280, 1280)))
+    down = tuple(d.get("down_block_types", tuple(_DIFFUSERS_DOWN[a] for a in (True, True, True, False))))
+    up = tuple(d.get("up_block_types", tuple(_DIFFUSERS_UP[a] for a in (False, True, True, True))))
+    if len(down) != len(channels) or len(up) != len(channels):
+        raise ValueError(
+            f"unet config: down_block_types ({len(down)}), up_block_types ({len(up)}) and "
+            f"block_out_channels ({len(channels)}) must have the same length"
+        )
+    by_name = {v: k for k, v in _DIFFUSERS_DOWN.items()}
+    bad = [t for t in down if t not in by_name]
+    if bad:
+        raise ValueError(f"unet config: down_block_types {bad} unsupported; allowed: {sorted(by_name)}")
+    levels = tuple(by_name[t] for t in down)
+    expected_up = tuple(_DIFFUSERS_UP[a] for a in reversed(levels))
+    if up != expected_up:
+        raise ValueError(
+            f"unet config: up_block_types {list(up)} must mirror down_block_types: {list(expected_up)}"
+        )
+    head_dim = d.get("attention_head_dim", 64)
+    if isinstance(head_dim, (list, tuple)):
+        if len(set(head_dim)) != 1:
+            raise ValueError(f"unet config: per-level attention_head_dim {list(head_dim)} is not supported")
+        head_dim = head_dim[0]
+    groups = d.get("norm_num_groups", 32)
+    if groups is None:
+        raise ValueError("unet config: norm_num_groups=None (no output norm) is not supported")
+    return UNetConfig(
+        in_channels=d.get("in_channels", 4),
+        out_channels=d.get("out_channels", 4),
+        block_channels=channels,
+        layers_per_block=d.get("layers_per_block", 2),
+        attention_levels=levels,
+        cross_attention_dim=d.get("cross_attention_dim", 1024),
+        head_dim=head_dim,
+        norm_groups=groups,
+        norm_eps=d.get("norm_eps", 1e-5),
+        sample_size=d.get("sample_size") or 32,
+        dropout=d.get("dropout", 0.1),
+        timestep_cond_dim=d.get("time_cond_proj_dim"),
+    )
+
+
+def unet_config_to_diffusers(c: UNetConfig) -> dict:
+    """UNetConfig -> a config dict that diffusers' UNet3DConditionModel builds the same network from."""
+    if c.temporal_in_heads != 8:
+        raise ValueError(
+            f"unet_config_to_diffusers: temporal_in_heads={c.temporal_in_heads}, but diffusers hard-codes 8"
+        )
+    d = {
+        "_class_name": "UNet3DConditionModel",
+        "_diffusers_version": "0.42.1",
+        "sample_size": c.sample_size,
+        "in_channels": c.in_channels,
+        "out_channels": c.out_channels,
+        "down_block_types": [_DIFFUSERS_DOWN[a] for a in c.attention_levels],
+        "up_block_types": [_DIFFUSERS_UP[a] for a in reversed(c.attention_levels)],
+        "block_out_channels": list(c.block_channels),
+        "layers_per_block": c.layers_per_block,
+        "downsample_padding": 1,
+        "mid_block_scale_factor": 1,
+        "act_fn": "silu",
+        "norm_num_groups": c.norm_groups,
+        "norm_eps": c.norm_eps,
+        "cross_attention_dim": c.cross_attention_dim,
+        "attention_head_dim": c.head_dim,
+        "time_cond_proj_dim": c.timestep_cond_dim,
+    }
+    for key, default in _OURS_IN_DIFFUSERS.items():
+        if getattr(c, key) != default:
+            d[key] = getattr(c, key)
+    return d
+
+
+# model_cfg keys the original UNetSD has no field for (its values are hard-coded there); written
+# only when a config differs from those values, read back by unet_config_from_original.
+_OURS_IN_ORIGINAL = {"unet_norm_groups": ("norm_groups", 32), "unet_norm_eps": ("norm_eps", 1e-5),
+                     "unet_sample_size": ("sample_size", 32)}
+
+
+def unet_config_to_original(c: UNetConfig) -> dict:
+    """UNetConfig -> the UNet part of configuration.json's model.model_cfg (original layout)."""
+    ch0 = c.block_channels[0]
+    if any(ch % ch0 for ch in c.block_channels):
+        raise ValueError(
+            f"unet_config_to_original: block_channels {c.block_channels} must be multiples of the first"
+        )
+    if c.timestep_cond_dim is not None:
+        raise ValueError("unet_config_to_original: the original layout has no timestep_cond projection")
+    d = {
+        "unet_in_dim": c.in_channels,
+        "unet_dim": ch0,
+        "unet_y_dim": 768,  # unused by the network; the released value
+        "unet_context_dim": c.cross_attention_dim,
+        "unet_out_dim": c.out_channels,
+        "unet_dim_mult": [ch // ch0 for ch in c.block_channels],
+        "unet_num_heads": c.temporal_in_heads,
+        "unet_head_dim": c.head_dim,
+        "unet_res_blocks": c.layers_per_block,
+        "unet_attn_scales": [1 / 2**i for i, a in enumerate(c.attention_levels) if a],
+        "unet_dropout": c.dropout,
+        "temporal_attention": "True",
+    }
+    for key, (name, default) in _OURS_IN_ORIGINAL.items():
+        if getattr(c, name) != default:
+            d[key] = getattr(c, name)
+    return d
+
+
+def unet_config_from_original(model_cfg: Mapping[str, Any], state: Mapping[str, Tensor]) -> UNetConfig:
+    """configuration.json's model.model_cfg + the UNetSD state dict -> UNetConfig.
+
+    The widths, depth, attention levels, context width and heads of the first temporal transformer
+    are read from the tensors (so fine-tunes and small checkpoints load); model_cfg supplies
+    head_dim and dropout and is checked against the tensors."""
+    if str(model_cfg.get("temporal_attention", "True")) != "True":
+        raise ValueError(
+            f"original config: temporal_attention={model_cfg['temporal_attention']!r} is not supported "
+            "(only 'True')"
+        )
+
+    def shape(key: str) -> torch.Size:
+        if key not in state:
+            raise ValueError(f"original unet state dict: missing tensor {key!r}")
+        return state[key].shape
+
+    ch0, in_channels = shape("input_blocks.0.0.weight")[:2]
+    out_channels = shape("out.2.weight")[0]
+    # input blocks 1.. are resnet blocks ("<n>.0.in_layers...") or downsamplers ("<n>.op...")
+    n, levels, layers = 1, [], []
+    while f"input_blocks.{n}.0.out_layers.3.weight" in state or f"input_blocks.{n}.op.weight" in state:
+        if f"input_blocks.{n}.op.weight" in state:
+            levels.append(layers)
+            layers = []
+        else:
+            layers.append(n)
+        n += 1
+    levels.append(layers)
+    if not levels[0] or any(len(lv) != len(levels[0]) for lv in levels):
+        raise ValueError(f"original unet state dict: uneven resnets per level {[len(lv) for lv in levels]}")
+    block_channels = tuple(shape(f"input_blocks.{lv[0]}.0.out_layers.3.weight")[0] for lv in levels)
+    attention_levels = tuple(f"input_blocks.{lv[0]}.1.norm.weight" in state for lv in levels)
+    context_dim = shape("middle_block.1.transformer_blocks.0.attn2.to_k.weight")[1]
+    head_dim = int(model_cfg.get("unet_head_dim", 64))
+    temporal_in_heads, rest = divmod(shape("input_blocks.0.1.proj_in.weight")[0], head_dim)
+    if rest:
+        raise ValueError(
+            f"original unet state dict: input_blocks.0.1 width is not a multiple of unet_head_dim={head_dim}"
+        )
+
+    found = {
+        "unet_in_dim": in_channels,
+        "unet_dim": ch0,
+        "unet_out_dim": out_channels,
+        "unet_context_dim": context_dim,
+        "unet_dim_mult": [ch // ch0 for ch in block_channels],
+        "unet_res_blocks": len(levels[0]),
+        "unet_num_heads": temporal_in_heads,
+        "unet_attn_scales": [1 / 2**i for i, a in enumerate(attention_levels) if a],
+    }
+    for key, value in found.items():
+        if key not in model_cfg:
+            continue
+        given = model_cfg[key]
+        if isinstance(value, list):
+            same = [float(v) for v in given] == [float(v) for v in value]
+        else:
+            same = given == value
+        if not same:
+            raise ValueError(f"original config: {key}={given} but the tensors say {value}")
+
+    extras = {name: model_cfg[key] for key, (name, _) in _OURS_IN_ORIGINAL.items() if key in model_cfg}
+    return UNetConfig(
+        in_channels=in_channels,
+        out_channels=out_channels,
+        block_channels=block_channels,
+        layers_per_block=len(levels[0]),
+        attention_levels=attention_levels,
+        cross_attention_dim=context_dim,
+        head_dim=head_dim,
+        temporal_in_heads=temporal_in_heads,
+        dropout=float(model_cfg.get("unet_dropout", 0.1)),
+        **extras,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Key tables (reference key -> our key)
+# ---------------------------------------------------------------------------------------------
+
+
+def _wb(src: str, dst: str) -> list[tuple[str, str]]:
+    return [(f"{src}.weight", f"{dst}.weight"), (f"{src}.bias", f"{dst}.bias")]
+
+
+def _rules(pairs: list[tuple[str, str]], src_prefix: str, dst_prefix: str) -> list[Rule]:
+    return [Rename(src_prefix + s, dst_prefix + d) for s, d in pairs]
+
+
+def _transformer_pairs() -> list[tuple[str, str]]:
+    """SpatialTransformer / TemporalTransformer: the same names in both reference layouts."""
+    pairs = _wb("norm", "norm") + _wb("proj_in", "proj_in") + _wb("proj_out", "proj_out")
+    tb = "transformer_blocks.0"
+    for theirs, ours in (("attn1", "block.self_attn"), ("attn2", "block.cross_attn")):
+        pairs += [
+            (f"{tb}.{theirs}.to_q.weight", f"{ours}.q_proj.weight"),
+            (f"{tb}.{theirs}.to_k.weight", f"{ours}.k_proj.weight"),
+            (f"{tb}.{theirs}.to_v.weight", f"{ours}.v_proj.weight"),
+        ] + _wb(f"{tb}.{theirs}.to_out.0", f"{ours}.out_proj")
+    pairs += _wb(f"{tb}.norm1", "block.self_attn_norm") + _wb(f"{tb}.norm2", "block.cross_attn_norm")
+    pairs += _wb(f"{tb}.norm3", "block.ff_norm")
+    pairs += _wb(f"{tb}.ff.net.0.proj", "block.ff.proj_in") + _wb(f"{tb}.ff.net.2", "block.ff.proj_out")
+    return pairs
+
+
+def _temporal_conv_pairs() -> list[tuple[str, str]]:
+    """conv1 = [GroupNorm, SiLU, Conv3d]; conv2..4 = [GroupNorm, SiLU, Dropout, Conv3d] (both layouts)."""
+    pairs = []
+    for k in range(4):
+        pairs += _wb(f"conv{k + 1}.0", f"norms.{k}") + _wb(f"conv{k + 1}.{2 if k == 0 else 3}", f"convs.{k}")
+    return pairs
+
+
+def _resnet_pairs(original: bool, shortcut: bool) -> list[tuple[str, str]]:
+    if original:
+        names = [("in_layers.0", "in_norm"), ("in_layers.2", "in_conv"), ("emb_layers.1", "time_proj"),
+                 ("out_layers.0", "out_norm"), ("out_layers.3", "out_conv"), ("skip_connection", "shortcut")]
+    else:
+        names = [("norm1", "in_norm"), ("conv1", "in_conv"), ("time_emb_proj", "time_proj"),
+                 ("norm2", "out_norm"), ("conv2", "out_conv"), ("conv_shortcut", "shortcut")]
+    return [p for src, dst in names[: 6 if shortcut else 5] for p in _wb(src, dst)]
+
+
+def _block_specs(c: UNetConfig):
+    """(path of our block, in_channels, out_channels, attention) for every SpaceTimeBlock, in order."""
+    levels, ch0 = len(c.block_channels), c.block_channels[0]
+    skip, ch, down, up = [ch0], ch0, [], []
+    for i, (out, attn) in enumerate(zip(c.block_channels, c.attention_levels)):
+        for j in range(c.layers_per_block):
+            down.append((i, j, ch, out, attn))
+            ch = out
+            skip.append(ch)
+        if i < levels - 1:
+            skip.append(ch)
+    for i in range(levels):
+        out, attn = c.block_channels[levels - 1 - i], c.attention_levels[levels - 1 - i]
+        for j in range(c.layers_per_block + 1):
+            up.append((i, j, ch + skip.pop(), out, attn))
+            ch = out
+    return down, up
+
+
+def unet_diffusers_table(c: UNetConfig) -> list[Rule]:
+    """diffusers UNet3DConditionModel keys -> UNet3D keys."""
+    levels = len(c.block_channels)
+    time = _wb("time_embedding.linear_1", "time_mlp.fc1") + _wb("time_embedding.linear_2", "time_mlp.fc2")
+    rules = _rules(time, "", "")
+    if c.timestep_cond_dim is not None:
+        rules.append(Rename("time_embedding.cond_proj.weight", "time_mlp.cond_proj.weight"))
+    rules += _rules(_wb("conv_in", "conv_in"), "", "")
+    rules += _rules(_transformer_pairs(), "transformer_in.", "temporal_attention_in.")
+
+    def block(src: str, j: int, dst: str, cin: int, cout: int, attn: bool) -> list[Rule]:
+        out = _rules(_resnet_pairs(False, cin != cout), f"{src}.resnets.{j}.", f"{dst}.resnet.")
+        out += _rules(_temporal_conv_pairs(), f"{src}.temp_convs.{j}.", f"{dst}.temporal_conv.")
+        if attn:
+            out += _rules(_transformer_pairs(), f"{src}.attentions.{j}.", f"{dst}.spatial_attention.")
+            out += _rules(_transformer_pairs(), f"{src}.temp_attentions.{j}.", f"{dst}.temporal_attention.")
+        return out
+
+    down, up = _block_specs(c)
+    for i, j, cin, cout, attn in down:
+        rules += block(f"down_blocks.{i}", j, f"down_levels.{i}.blocks.{j}", cin, cout, attn)
+    for i in range(levels - 1):
+        rules += _rules(_wb("downsamplers.0.conv", "downsample.conv"), f"down_blocks.{i}.", f"down_levels.{i}.")
+
+    # mid: resnets.0/temp_convs.0/attentions.0/temp_attentions.0 form our first mid block
+    ch = c.block_channels[-1]
+    rules += block("mid_block", 0, "mid_blocks.0", ch, ch, True)
+    rules += block("mid_block", 1, "mid_blocks.1", ch, ch, False)
+
+    for i, j, cin, cout, attn in up:
+        rules += block(f"up_blocks.{i}", j, f"up_levels.{i}.blocks.{j}", cin, cout, attn)
+    for i in range(levels - 1):
+        rules += _rules(_wb("upsamplers.0.conv", "upsample.conv"), f"up_blocks.{i}.", f"up_levels.{i}.")
+    rules += _rules(_wb("conv_norm_out", "norm_out") + _wb("conv_out", "conv_out"), "", "")
+    return rules
+
+
+def unet_original_table(c: UNetConfig) -> list[Rule]:
+    """Original ModelScope UNetSD keys -> UNet3D keys.
+
+    input_blocks.0 = [conv_in, temporal transformer]; then per level, per layer, one
+    input_blocks.<n> = [resnet (its temporal conv stored as `temopral_conv`), spatial, temporal]
+    and one input_blocks.<n>.op downsampler; middle_block = [resnet, spatial, temporal, resnet];
+    output_blocks.<n> = [resnet, spatial, temporal, upsampler] (the upsampler at the next free index).
+    Temporal transformers hold Conv1d(k=1) proj_in/proj_out (reshaped to Linear by apply_table)."""
+    if c.timestep_cond_dim is not None:
+        raise ValueError("unet_original_table: the original layout has no timestep_cond projection")
+    levels = len(c.block_channels)
+    rules = _rules(_wb("time_embed.0", "time_mlp.fc1") + _wb("time_embed.2", "time_mlp.fc2"), "", "")
+    rules += _rules(_wb("input_blocks.0.0", "conv_in"), "", "")
+    rules += _rules(_transformer_pairs(), "input_blocks.0.1.", "temporal_attention_in.")
+
+    def block(src: str, dst: str, cin: int, cout: int, attn: bool) -> list[Rule]:
+        out = _rules(_resnet_pairs(True, cin != cout), f"{src}.0.", f"{dst}.resnet.")
+        out += _rules(_temporal_conv_pairs(), f"{src}.0.temopral_conv.", f"{dst}.temporal_conv.")
+        if attn:
+            out += _rules(_transformer_pairs(), f"{src}.1.", f"{dst}.spatial_attention.")
+            out += _rules(_transformer_pairs(), f"{src}.2.", f"{dst}.temporal_attention.")
+        return out
+
+    down, up = _block_specs(c)
+    n = 1
+    for i, j, cin, cout, attn in down:
+        rules += block(f"input_blocks.{n}", f"down_levels.{i}.blocks.{j}", cin, cout, attn)
+        n += 1
+        if j == c.layers_per_block - 1 and i < levels - 1:
+            rules += _rules(_wb(f"input_blocks.{n}.op", f"down_levels.{i}.downsample.conv"), "", "")
+            n += 1
+
+    rules += _rules(_resnet_pairs(True, False), "middle_block.0.", "mid_blocks.0.resnet.")
+    rules += _rules(_temporal_conv_pairs(), "middle_block.0.temopral_conv.", "mid_blocks.0.temporal_conv.")
+    rules += _rules(_transformer_pairs(), "middle_block.1.", "mid_blocks.0.spatial_attention.")
+    rules += _rules(_transformer_pairs(), "middle_block.2.", "mid_blocks.0.temporal_attention.")
+    rules += _rules(_resnet_pairs(True, False), "middle_block.3.", "mid_blocks.1.resnet.")
+    rules += _rules(_temporal_conv_pairs(), "middle_block.3.temopral_conv.", "mid_blocks.1.temporal_conv.")
+
+    for n, (i, j, cin, cout, attn) in enumerate(up):
+        rules += block(f"output_blocks.{n}", f"up_levels.{i}.blocks.{j}", cin, cout, attn)
+        if j == c.layers_per_block and i < levels - 1:
+            idx = 3 if attn else 1
+            rules += _rules(_wb(f"output_blocks.{n}.{idx}.conv", f"up_levels.{i}.upsample.conv"), "", "")
+    rules += _rules(_wb("out.0", "norm_out") + _wb("out.2", "conv_out"), "", "")
+    return rules
+
+
+# ---------------------------------------------------------------------------------------------
+# Presets
+# ---------------------------------------------------------------------------------------------
+
+UNET_PRESETS: dict[str, UNetConfig] = {
+    # for tests: two levels, one with attention; builds in diffusers' UNet3DConditionModel too
+    "tiny": UNetConfig(
+        block_channels=(32, 64),
+        layers_per_block=1,
+        attention_levels=(True, False),
+        cross_attention_dim=32,
+        head_dim=8,
+        norm_groups=8,
+        sample_size=8,
+    ),
+    # damo-vilab/text-to-video-ms-1.7b (and the original modelscope-damo-text-to-video-synthesis)
+    "ms-1.7b": UNetConfig(),
+    # cerspense/zeroscope_v2_576w and _XL: fine-tunes of the same architecture
+    "zeroscope-576w": UNetConfig(),
+    "zeroscope-xl": UNetConfig(),
+}
