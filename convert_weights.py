@@ -1,0 +1,39 @@
+"""Convert a ModelScope T2V checkpoint between layouts.
+
+    python convert_weights.py SRC DST --to diffusers|modelscope [--variant fp16] [--dtype fp16]
+
+SRC is a local folder or a hub id in either layout (diffusers: damo-vilab/text-to-video-ms-1.7b,
+cerspense/zeroscope_v2_576w; original: damo-vilab/modelscope-damo-text-to-video-synthesis).
+"""
+
+import argparse
+import sys
+
+from modelscope_t2v.loading import DTYPES, LAYOUTS, convert_checkpoint
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("src", help="source folder or hub id (any supported layout)")
+    p.add_argument("dst", help="destination folder (created; must be empty unless --overwrite)")
+    p.add_argument("--to", required=True, choices=LAYOUTS, help="layout to write")
+    p.add_argument("--variant", default=None, help="read (and, for diffusers, write) this weights variant, e.g. fp16")
+    p.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="cast the weights")
+    p.add_argument("--revision", default=None, help="hub revision of SRC")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing DST")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    a = p.parse_args(argv)
+    try:
+        out = convert_checkpoint(
+            a.src, a.dst, a.to, variant=a.variant, dtype=a.dtype, revision=a.revision,
+            overwrite=a.overwrite, progress=not a.quiet,
+        )
+    except (ValueError, FileExistsError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
