@@ -21,10 +21,15 @@ class ConversionError(ValueError):
 @dataclass(frozen=True)
 class Rename:
     """One tensor moves from `src` to `dst`; unit dimensions may be added or dropped
-    (Conv1d/Conv2d k=1 <-> Linear) when the target shape asks for it."""
+    (Conv1d/Conv2d k=1 <-> Linear) when the target shape asks for it.
+
+    src_ndim / dst_ndim: the rank of the tensor on that side where the two sides differ (a k=1 conv
+    stored as a linear); writing a foreign layout has no target model to ask, so the rule says it."""
 
     src: str
     dst: str
+    src_ndim: int | None = None
+    dst_ndim: int | None = None
 
 
 @dataclass(frozen=True)
@@ -52,7 +57,7 @@ def invert(table: Table) -> list[Rule]:
     out: list[Rule] = []
     for r in table:
         if isinstance(r, Rename):
-            out.append(Rename(r.dst, r.src))
+            out.append(Rename(r.dst, r.src, r.dst_ndim, r.src_ndim))
         elif isinstance(r, Split):
             out.append(Fuse(r.dst, r.src))
         else:
@@ -72,7 +77,7 @@ def prefixed(table: Table, src_prefix: str = "", dst_prefix: str = "") -> list[R
     out: list[Rule] = []
     for r in table:
         if isinstance(r, Rename):
-            out.append(Rename(s(r.src), d(r.dst)))
+            out.append(Rename(s(r.src), d(r.dst), r.src_ndim, r.dst_ndim))
         elif isinstance(r, Split):
             out.append(Split(s(r.src), tuple(d(k) for k in r.dst)))
         else:
@@ -90,6 +95,20 @@ def _fit(t: torch.Tensor, shape: torch.Size | None, key: str, src: str, what: st
     raise ConversionError(
         f"{what}: tensor {src!r} has shape {tuple(t.shape)}, but {key!r} needs {tuple(shape)}"
     )
+
+
+def _to_rank(t: torch.Tensor, ndim: int) -> torch.Tensor:
+    """Add or drop trailing unit dims: (o, i) <-> (o, i, 1) <-> (o, i, 1, 1)."""
+    while t.dim() > ndim and t.shape[-1] == 1:
+        t = t.squeeze(-1)
+    while t.dim() < ndim:
+        t = t.unsqueeze(-1)
+    return t
+
+
+def with_src_ndim(table: Table, ndim: int, keys: Callable[[str], bool]) -> list[Rule]:
+    """The same table with `src_ndim=ndim` on the Renames whose source key satisfies `keys`."""
+    return [Rename(r.src, r.dst, ndim, r.dst_ndim) if isinstance(r, Rename) and keys(r.src) else r for r in table]
 
 
 def apply_table(
@@ -126,7 +145,10 @@ def apply_table(
 
     for r in table:
         if isinstance(r, Rename):
-            out[r.dst] = _fit(take(r.src), shape_of(r.dst), r.dst, r.src, what)
+            t = take(r.src)
+            if r.dst_ndim is not None and t.dim() != r.dst_ndim:
+                t = _to_rank(t, r.dst_ndim)
+            out[r.dst] = _fit(t, shape_of(r.dst), r.dst, r.src, what)
         elif isinstance(r, Split):
             parts = take(r.src).chunk(len(r.dst), dim=0)
             for k, p in zip(r.dst, parts):

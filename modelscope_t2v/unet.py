@@ -39,7 +39,7 @@ from einops import rearrange, repeat
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from modelscope_t2v.convert import Rename, Rule
+from modelscope_t2v.convert import Rename, Rule, with_src_ndim
 
 
 # ---------------------------------------------------------------------------------------------
@@ -897,7 +897,11 @@ def unet_original_table(c: UNetConfig) -> list[Rule]:
             idx = 3 if attn else 1
             rules += _rules(_wb(f"output_blocks.{n}.{idx}.conv", f"up_levels.{i}.upsample.conv"), "", "")
     rules += _rules(_wb("out.0", "norm_out") + _wb("out.2", "conv_out"), "", "")
-    return rules
+    # The temporal transformers' proj_in/proj_out are Conv1d(k=1) weights, (o, i, 1), in this layout.
+    temporal = {r.src for r in rules if isinstance(r, Rename)
+                and r.dst.endswith(("proj_in.weight", "proj_out.weight"))
+                and r.dst.rsplit(".", 2)[0].endswith(("temporal_attention", "temporal_attention_in"))}
+    return with_src_ndim(rules, 3, temporal.__contains__)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from modelscope_t2v.convert import Rename, Rule
+from modelscope_t2v.convert import Rename, Rule, with_src_ndim
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -620,7 +620,8 @@ def vae_original_table(c: VAEConfig) -> list[Rule]:
             t += _wb(f"decoder.up.{up}.upsample.conv", f"decoder.levels.{i}.resample.conv")
     t += _wb("decoder.norm_out", "decoder.norm_out")
     t += _wb("decoder.conv_out", "decoder.conv_out")
-    return t
+    # LDM's mid-block attention projections are 1x1 Conv2d weights, (o, i, 1, 1).
+    return with_src_ndim(t, 4, lambda k: ".mid.attn_1." in k and k.endswith(("q.weight", "k.weight", "v.weight", "proj_out.weight")))
 
 
 # ---------------------------------------------------------------------------------------------------

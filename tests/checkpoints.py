@@ -43,7 +43,7 @@ RELEASED_SCHEDULER = {
 # original-layout model is 1024 wide in its context and text tower.
 TINY_ORIGINAL_UNET = UNetConfig(
     block_channels=(32, 64), layers_per_block=1, attention_levels=(True, False), cross_attention_dim=1024,
-    head_dim=16, temporal_in_heads=2, norm_groups=32, sample_size=8,
+    head_dim=16, temporal_in_heads=8, norm_groups=32, sample_size=8,  # diffusers hard-codes 8 heads in transformer_in
 )
 TINY_VAE: VAEConfig = VAE_PRESETS["tiny"]
 
@@ -66,13 +66,13 @@ def diffusers_components(seed: int = 0, unet: UNetConfig | None = None):
 
 def make_diffusers_checkpoint(
     folder: Path, *, seed: int = 0, variant: str | None = None, safe_serialization: bool = True,
-    pipeline: str = "TextToVideoSDPipeline",
+    pipeline: str = "TextToVideoSDPipeline", unet: UNetConfig | None = None,
 ) -> Path:
     """Write a tiny checkpoint with diffusers' own writer. variant="fp16" stores fp16 tensors under
     `*.fp16.*` names, as the released repos do."""
     import diffusers
 
-    parts = diffusers_components(seed)
+    parts = diffusers_components(seed, unet)
     pipe = getattr(diffusers, pipeline)(**parts)
     if variant == "fp16":
         pipe.to(torch.float16)
@@ -115,12 +115,12 @@ def original_autoencoder(config: VAEConfig = TINY_VAE):
     return modelscope_reference("autoencoder").AutoencoderKL(o["ddconfig"], o["embed_dim"])
 
 
-def open_clip_tiny(width: int = 1024, layers: int = 2):
+def open_clip_tiny(width: int = 1024, layers: int = 2, mlp_ratio: float = 0.25):
     """An open_clip CLIP (vision tower included) whose text tower is `width` wide, heads of 64."""
     import open_clip
 
     text_cfg = open_clip.model.CLIPTextCfg(
-        context_length=77, vocab_size=49408, width=width, heads=width // 64, layers=layers, mlp_ratio=0.25
+        context_length=77, vocab_size=49408, width=width, heads=max(1, width // 64), layers=layers, mlp_ratio=mlp_ratio
     )
     vision_cfg = open_clip.model.CLIPVisionCfg(layers=1, width=64, head_width=32, patch_size=16, image_size=32)
     return open_clip.model.CLIP(embed_dim=32, vision_cfg=vision_cfg, text_cfg=text_cfg)
