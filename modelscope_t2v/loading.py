@@ -394,7 +394,7 @@ def write_model_index(folder: Path, class_name: str = "TextToVideoSDPipeline", s
 
 
 def write_scheduler(folder: Path, scheduler_config: Mapping) -> None:
-    cfg = dict(scheduler_config)
+    cfg = {k: v for k, v in dict(scheduler_config).items() if k != "_use_default_values"}  # in-memory only
     cfg.setdefault("_class_name", "DDIMScheduler")
     cfg["_diffusers_version"] = DIFFUSERS_VERSION
     write_json(folder / "scheduler" / "scheduler_config.json", cfg)

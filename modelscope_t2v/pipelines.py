@@ -72,6 +72,27 @@ class TextToVideoSDPipeline:
         pipe.model_index_class = loading.pipeline_class_name(folder, layout)
         return pipe
 
+    @classmethod
+    def from_preset(cls, name: str = "tiny", seed: int = 0, torch_dtype: torch.dtype | None = None):
+        """Randomly initialised models of a size preset ("tiny", "ms-1.7b", "zeroscope-576w", ...), the
+        CLIP tokenizer built offline and the released DDIM schedule: a starting point for training."""
+        from .schedulers import released_scheduler_config, scheduler_from_config
+        from .text import TEXT_PRESETS, build_tokenizer
+        from .unet import UNET_PRESETS
+        from .vae import VAE_PRESETS
+
+        if name not in UNET_PRESETS:
+            raise ValueError(f"unknown preset {name!r}; choose from {sorted(UNET_PRESETS)}")
+        size = "tiny" if name == "tiny" else "ms-1.7b"  # zeroscope shares ms-1.7b's autoencoder and text tower
+        torch.manual_seed(seed)
+        unet, vae = UNet3D(UNET_PRESETS[name]), AutoencoderKL(VAE_PRESETS[size])
+        text_encoder = build_text_encoder(TEXT_PRESETS[size])
+        pipe = cls(unet, vae, text_encoder, build_tokenizer(None), scheduler_from_config(released_scheduler_config()))
+        for m in pipe._modules():
+            m.to(torch_dtype or torch.float32).eval()
+        pipe.name_or_path = f"preset:{name}"
+        return pipe
+
     def save_pretrained(self, save_directory: str | os.PathLike, variant: str | None = None) -> Path:
         """Write the diffusers layout (which diffusers itself, this project and the converter read)."""
         folder = Path(save_directory)
