@@ -6,15 +6,76 @@ must run here, on our own modules, with the same numbers.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import sys
+import warnings
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Callable
 
+import numpy as np
 import torch
+from einops import rearrange
 
 from . import loading
 from .text import build_text_encoder
 from .unet import UNet3D
 from .vae import AutoencoderKL
+
+
+OUTPUT_TYPES = ("np", "pt", "pil", "latent")
+
+
+class VideoFrames(np.ndarray):
+    """The `np` output: float frames in [0, 1], (b, f, h, w, 3), exactly as diffusers returns them.
+
+    One addition: a single (h, w, 3) frame also converts with `PIL.Image.fromarray(frame)` (to uint8,
+    rounded), which the seed's zeroscope upscaling example does and which a plain float array refuses.
+    Only PIL sees the uint8 view; to numpy and everyone else this is an ordinary float array.
+    """
+
+    def _pil_view(self) -> np.ndarray | None:
+        if self.ndim == 3 and self.shape[-1] == 3 and self.dtype.kind == "f":
+            caller = sys._getframe(2).f_globals.get("__name__", "")
+            if caller.startswith("PIL"):
+                return np.ascontiguousarray((np.asarray(self).clip(0, 1) * 255).round().astype(np.uint8))
+        return None
+
+    @property
+    def __array_interface__(self):
+        view = self._pil_view()
+        if view is None:
+            return np.asarray(self).__array_interface__
+        iface = dict(view.__array_interface__)
+        iface["strides"] = view.strides  # PIL then reads the pixels through tobytes()
+        return iface
+
+    def tobytes(self, order="C"):
+        view = self._pil_view()
+        return np.asarray(self).tobytes(order) if view is None else view.tobytes()
+
+
+@dataclass
+class TextToVideoSDPipelineOutput:
+    """`frames`: np (b, f, h, w, 3) in [0, 1]; pt (b, f, 3, h, w); pil: a list of lists of images;
+    latent: (b, c, f, h, w). `.frames[0]` is the first video."""
+
+    frames: Any
+
+
+def randn_tensor(shape, generator=None, device=None, dtype=None) -> torch.Tensor:
+    """Gaussian noise drawn as diffusers draws it (on the generator's device, then moved), so that a
+    user's seeds give the same videos in both libraries. A list of generators draws one per sample."""
+    device = torch.device(device or "cpu")
+    if isinstance(generator, list):
+        if len(generator) != shape[0]:
+            raise ValueError(f"generator: a list of {len(generator)} generators for a batch of {shape[0]}")
+        return torch.cat([randn_tensor((1, *shape[1:]), g, device, dtype) for g in generator])
+    draw_on = generator.device if generator is not None else device
+    if draw_on.type != device.type and draw_on.type == "cpu":
+        return torch.randn(shape, generator=generator, device="cpu", dtype=dtype).to(device)
+    return torch.randn(shape, generator=generator, device=draw_on, dtype=dtype)
 
 
 class TextToVideoSDPipeline:
@@ -26,6 +87,11 @@ class TextToVideoSDPipeline:
         self.text_encoder = text_encoder
         self.tokenizer = tokenizer
         self.scheduler = scheduler
+        self._offload: str | None = None  # None | "model" | "sequential"
+        self._offload_device: torch.device | None = None
+        self._progress: dict = {}
+        # Half-precision weights on a CPU compute in float32 during a call (see `_cpu_precision`).
+        self.cpu_upcast = True
 
     # -- loading and saving ---------------------------------------------------------------------------
 
@@ -129,6 +195,114 @@ class TextToVideoSDPipeline:
         return next(self.unet.parameters()).device
 
     @property
+    def _execution_device(self) -> torch.device:
+        return self._offload_device if self._offload else self.device
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return self.vae.config.downsample_factor
+
+    # -- memory ---------------------------------------------------------------------------------------
+
+    def enable_vae_slicing(self, chunk_size: int = 1):
+        """Decode (and encode) `chunk_size` frames at a time: memory bounded in the number of frames."""
+        self.vae.enable_slicing(chunk_size)
+
+    def disable_vae_slicing(self):
+        self.vae.disable_slicing()
+
+    def enable_vae_tiling(self, tile_size: int | None = None, overlap: float = 0.25):
+        """Decode large frames in overlapping spatial tiles (blended; close to, not equal to, untiled)."""
+        self.vae.enable_tiling(tile_size, overlap)
+
+    def disable_vae_tiling(self):
+        self.vae.disable_tiling()
+
+    def _accelerator(self, what: str, gpu_id: int | None, device) -> torch.device | None:
+        if device is not None:
+            return torch.device(device)
+        if torch.cuda.is_available():
+            return torch.device("cuda", gpu_id or 0)
+        print(f"{what}: no accelerator on this machine; the models stay on {self.device}.", file=sys.stderr)
+        return None
+
+    def enable_model_cpu_offload(self, gpu_id: int | None = None, device=None):
+        """Keep every model on the CPU and move each to the accelerator only while it runs (text encoder,
+        then UNet, then VAE). Without an accelerator: a one-line notice and nothing changes."""
+        target = self._accelerator("enable_model_cpu_offload", gpu_id, device)
+        if target is None:
+            return
+        self.to("cpu")
+        self._offload, self._offload_device = "model", target
+
+    def enable_sequential_cpu_offload(self, gpu_id: int | None = None, device=None):
+        """Keep weights on the CPU and move each leaf module to the accelerator only for its forward:
+        the least accelerator memory, the slowest. Without an accelerator: a notice, nothing changes."""
+        target = self._accelerator("enable_sequential_cpu_offload", gpu_id, device)
+        if target is None:
+            return
+        self.to("cpu")
+        self._offload, self._offload_device = "sequential", target
+
+    @contextlib.contextmanager
+    def _placed(self, module: torch.nn.Module):
+        """Run `module` where the offload policy says; put it back afterwards."""
+        if self._offload == "model":
+            module.to(self._offload_device)
+            try:
+                yield
+            finally:
+                module.to("cpu")
+        elif self._offload == "sequential":
+            handles = [
+                m.register_forward_pre_hook(lambda m, a: m.to(self._offload_device))
+                for m in module.modules()
+                if next(m.children(), None) is None and any(True for _ in m.parameters(recurse=False))
+            ] + [
+                m.register_forward_hook(lambda m, a, o: m.to("cpu"))
+                for m in module.modules()
+                if next(m.children(), None) is None and any(True for _ in m.parameters(recurse=False))
+            ]
+            try:
+                yield
+            finally:
+                for h in handles:
+                    h.remove()
+                module.to("cpu")
+        else:
+            yield
+
+    @contextlib.contextmanager
+    def _cpu_precision(self):
+        """float16/bfloat16 weights on a CPU: compute this call in float32, then restore the weights.
+
+        CPUs without native half-precision kernels run them 10-60x slower than float32 (measured on
+        this project's machines: a 64-wide linear 9.6x, a 3x3 conv 57x), which makes the seed examples'
+        `torch_dtype=torch.float16` unusable on a CPU. fp16 -> fp32 -> fp16 is exact, so the stored
+        weights are unchanged afterwards. Set `pipe.cpu_upcast = False` to compute in half precision.
+        """
+        half = [m for m in self._modules() if next(m.parameters()).dtype in (torch.float16, torch.bfloat16)]
+        if not (self.cpu_upcast and half and self._execution_device.type == "cpu"):
+            yield
+            return
+        dtypes = [next(m.parameters()).dtype for m in half]
+        if not getattr(self, "_upcast_noted", False):
+            print("half-precision weights on the CPU: computing in float32 (pipe.cpu_upcast = False to opt out)",
+                  file=sys.stderr)
+            self._upcast_noted = True
+        for m in half:
+            m.float()
+        try:
+            yield
+        finally:
+            for m, dtype in zip(half, dtypes):
+                m.to(dtype)
+
+    def set_progress_bar_config(self, **kwargs):
+        """tqdm options for the denoising loop, e.g. `disable=True` (as in diffusers)."""
+        self._progress = dict(kwargs)
+
+    @property
     def dtype(self) -> torch.dtype:
         return next(self.unet.parameters()).dtype
 
@@ -170,13 +344,14 @@ class TextToVideoSDPipeline:
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(prompt_embeds, negative_prompt_embeds) as diffusers' pipeline computes them: the
         unconditional branch embeds "" unless a negative prompt is given."""
-        device = torch.device(device) if device is not None else self.text_encoder.device
+        device = torch.device(device) if device is not None else self._execution_device
         if prompt_embeds is None:
             if isinstance(prompt, str):
                 prompt = [prompt]
             if not isinstance(prompt, list) or not all(isinstance(p, str) for p in prompt):
                 raise TypeError(f"prompt must be a str or a list of str, got {type(prompt).__name__}")
-            prompt_embeds = self._embed(prompt, device, clip_skip)
+            with self._placed(self.text_encoder):
+                prompt_embeds = self._embed(prompt, device, clip_skip)
         batch = prompt_embeds.shape[0]
         dtype = self.text_encoder.dtype if self.text_encoder is not None else self.unet.dtype
         prompt_embeds = prompt_embeds.to(dtype=dtype, device=device)
@@ -195,11 +370,363 @@ class TextToVideoSDPipeline:
                 negative = negative_prompt
             else:
                 raise TypeError(f"negative_prompt must be a str or a list of str, got {type(negative_prompt).__name__}")
-            negative_prompt_embeds = self._embed(negative, device, None)
+            with self._placed(self.text_encoder):
+                negative_prompt_embeds = self._embed(negative, device, None)
         if do_classifier_free_guidance:
             negative_prompt_embeds = negative_prompt_embeds.to(dtype=dtype, device=device)
             negative_prompt_embeds = negative_prompt_embeds.repeat_interleave(num_images_per_prompt, dim=0)
         return prompt_embeds, negative_prompt_embeds
+
+    # -- video-to-video inputs (used by VideoToVideoSDPipeline and by `video=` here) ------------------
+
+    def preprocess_video(self, video, height: int | None = None, width: int | None = None) -> torch.Tensor:
+        """A video -> b c f h w in [-1, 1]. Accepts a list of PIL images (one video), a list of such lists,
+        numpy arrays (f, h, w, 3) or (b, f, h, w, 3) in [0, 1] (float) or [0, 255] (uint8), or a torch
+        tensor b c f h w already in [-1, 1] (4 channels: latents, used as they are). Frames are resized to
+        multiples of the VAE factor (or to height x width)."""
+        from PIL import Image
+
+        factor = self.vae_scale_factor
+        if isinstance(video, torch.Tensor):
+            if video.dim() == 4:
+                video = video[None]
+            if video.dim() != 5:
+                raise ValueError(f"video tensor must be b c f h w, got shape {tuple(video.shape)}")
+            if video.numel() == 0:
+                raise ValueError("video is empty")
+            return video
+        if isinstance(video, (list, tuple)) and len(video) == 0:
+            raise ValueError("video is empty")
+        if isinstance(video, (list, tuple)) and isinstance(video[0], Image.Image):
+            video = [video]
+        if isinstance(video, np.ndarray):
+            video = [video] if video.ndim == 4 else list(video)
+        out = []
+        for clip in video:
+            if isinstance(clip, (list, tuple)) and len(clip) and isinstance(clip[0], Image.Image):
+                w0, h0 = clip[0].size
+                h, w = height or h0 // factor * factor, width or w0 // factor * factor
+                arr = np.stack([np.asarray(im.convert("RGB").resize((w, h), Image.LANCZOS)) for im in clip])
+            else:
+                arr = np.asarray(clip)
+                if arr.ndim != 4 or arr.shape[-1] != 3 or arr.shape[0] == 0:
+                    raise ValueError(f"video frames must be (f, h, w, 3), got shape {arr.shape}")
+            arr = arr.astype(np.float32) / 255.0 if arr.dtype == np.uint8 else arr.astype(np.float32)
+            out.append(torch.from_numpy(arr))
+        frames = torch.stack(out)  # b f h w c in [0, 1]
+        h, w = frames.shape[2:4]
+        if h % factor or w % factor:
+            raise ValueError(f"video frames are {h}x{w}; height and width must be multiples of {factor}")
+        return rearrange(frames, "b f h w c -> b c f h w") * 2 - 1
+
+    def _noised_video_latents(self, pixels, timesteps, total, dtype, device, generator) -> torch.Tensor:
+        """Encode (b f) frames, sample the posterior, scale, then add noise for the first kept timestep,
+        drawing from `generator` in diffusers' order (posterior first, then the noise)."""
+        b = pixels.shape[0]
+        x = rearrange(pixels.to(device, dtype), "b c f h w -> (b f) c h w")
+        if x.shape[1] == self.unet.config.in_channels:  # already latents
+            z = x
+        else:
+            with self._placed(self.vae):
+                x = x.to(self._execution_device, self.vae.dtype)
+                if isinstance(generator, list):
+                    f = x.shape[0] // b
+                    z = torch.cat([self.vae.encode(x[i * f : (i + 1) * f]).sample(generator[i]) for i in range(b)])
+                else:
+                    z = self.vae.encode(x).sample(generator)
+            z = (z * self.vae.config.scaling_factor).to(device, dtype)
+        if len(timesteps) == 0:  # strength 0: nothing to denoise
+            return rearrange(z, "(b f) c h w -> b c f h w", b=b).repeat(total // b, 1, 1, 1, 1)
+        noise = randn_tensor(z.shape, generator, device, dtype)
+        t = timesteps[:1].repeat(z.shape[0])
+        noisy = self.scheduler.add_noise(z, noise, t)
+        return rearrange(noisy, "(b f) c h w -> b c f h w", b=b).repeat(total // b, 1, 1, 1, 1)
+
+    def _video_to_video(self, prompt, pixels, strength, num_inference_steps, guidance_scale, negative_prompt, eta,
+                        generator, latents, prompt_embeds, negative_prompt_embeds, output_type, return_dict, callback,
+                        callback_steps, cross_attention_kwargs, clip_skip, num_videos_per_prompt, callback_on_step_end,
+                        callback_on_step_end_tensor_inputs, decode_chunk_size, total):
+        context = self._text_conditioning(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds,
+                                          guidance_scale, num_videos_per_prompt, clip_skip)
+        device, dtype = self._execution_device, context.dtype
+        self.scheduler.set_timesteps(num_inference_steps, device=device)
+        kept = min(int(num_inference_steps * strength), num_inference_steps)  # as diffusers' get_timesteps
+        order = getattr(self.scheduler, "order", 1)
+        timesteps = self.scheduler.timesteps[(num_inference_steps - kept) * order :]
+        if latents is None:
+            latents = self._noised_video_latents(pixels, timesteps, total, dtype, device, generator)
+        latents = latents.to(device, dtype)
+        if len(timesteps):
+            latents = self._denoise(
+                latents, timesteps, context, guidance_scale, eta=eta, generator=generator,
+                callback=callback, callback_steps=callback_steps, callback_on_step_end=callback_on_step_end,
+                callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
+                cross_attention_kwargs=cross_attention_kwargs,
+            )
+        return self._finish(latents, output_type, return_dict, decode_chunk_size)
+
+    # -- generation -------------------------------------------------------------------------------------
+
+    def _check_common(self, prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, num_inference_steps,
+                      guidance_scale, output_type, callback_steps, num_videos_per_prompt, decode_chunk_size):
+        if prompt is None and prompt_embeds is None:
+            raise ValueError("pass prompt or prompt_embeds")
+        if prompt is not None and prompt_embeds is not None:
+            raise ValueError("pass either prompt or prompt_embeds, not both")
+        if prompt is not None and not (
+            isinstance(prompt, str) or (isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt))
+        ):
+            raise TypeError(f"prompt must be a str or a non-empty list of str, got {type(prompt).__name__}")
+        batch = 1 if isinstance(prompt, str) else len(prompt) if prompt is not None else prompt_embeds.shape[0]
+        if isinstance(negative_prompt, list) and len(negative_prompt) != batch:
+            raise ValueError(f"negative_prompt has batch size {len(negative_prompt)}, but prompt has {batch}")
+        if negative_prompt is not None and not isinstance(negative_prompt, (str, list)):
+            raise TypeError(f"negative_prompt must be a str or a list of str, got {type(negative_prompt).__name__}")
+        if negative_prompt is not None and negative_prompt_embeds is not None:
+            raise ValueError("pass either negative_prompt or negative_prompt_embeds, not both")
+        if prompt_embeds is not None and negative_prompt_embeds is not None and prompt_embeds.shape != negative_prompt_embeds.shape:
+            raise ValueError(
+                f"prompt_embeds {tuple(prompt_embeds.shape)} and negative_prompt_embeds "
+                f"{tuple(negative_prompt_embeds.shape)} must have the same shape"
+            )
+        if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
+            raise ValueError(f"num_inference_steps must be an integer >= 1, got {num_inference_steps!r}")
+        if not isinstance(guidance_scale, (int, float)):
+            raise TypeError(f"guidance_scale must be a number, got {type(guidance_scale).__name__}")
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
+        if callback_steps is not None and (not isinstance(callback_steps, int) or callback_steps < 1):
+            raise ValueError(f"callback_steps must be a positive integer, got {callback_steps!r}")
+        if not isinstance(num_videos_per_prompt, int) or num_videos_per_prompt < 1:
+            raise ValueError(f"num_videos_per_prompt must be an integer >= 1, got {num_videos_per_prompt!r}")
+        if decode_chunk_size is not None and (not isinstance(decode_chunk_size, int) or decode_chunk_size < 1):
+            raise ValueError(f"decode_chunk_size must be a positive integer, got {decode_chunk_size!r}")
+        return batch
+
+    def _text_conditioning(self, prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, guidance_scale,
+                           num_videos_per_prompt, clip_skip):
+        cfg = guidance_scale > 1.0
+        pos, neg = self.encode_prompt(
+            prompt, self._execution_device, num_videos_per_prompt, cfg, negative_prompt,
+            prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds, clip_skip=clip_skip,
+        )
+        return torch.cat([neg, pos]) if cfg else pos  # one UNet call for both branches, uncond first
+
+    def _denoise(self, latents, timesteps, context, guidance_scale, *, eta, generator, callback, callback_steps,
+                 callback_on_step_end, callback_on_step_end_tensor_inputs, cross_attention_kwargs) -> torch.Tensor:
+        """Run the scheduler's sampler over `timesteps` with classifier-free guidance and the callbacks."""
+        from tqdm.auto import tqdm
+
+        cfg = guidance_scale > 1.0
+        unet = self.unet
+        scale_in = getattr(self.scheduler, "scale_model_input", lambda x, t: x)
+        if cross_attention_kwargs:
+            warnings.warn("cross_attention_kwargs is accepted for compatibility and ignored (no attention processors)",
+                          stacklevel=3)
+
+        def model_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            x_in = scale_in(torch.cat([x, x]) if cfg else x, t)
+            out = unet(x_in, t, encoder_hidden_states=context)  # (2b) c f h w
+            if not cfg:
+                return out
+            uncond, cond = out.chunk(2)
+            return uncond + guidance_scale * (cond - uncond)  # Ho & Salimans 2022, eq. 6
+
+        bar = tqdm(total=len(timesteps), **{"desc": "denoising", **self._progress})
+
+        def step_callback(i: int, t: torch.Tensor, x: torch.Tensor):
+            bar.update(1)
+            if callback is not None and i % callback_steps == 0:
+                callback(i, t, x)
+            if callback_on_step_end is not None:
+                kwargs = {"latents": x, "prompt_embeds": context}
+                out = callback_on_step_end(self, i, t, {k: kwargs[k] for k in callback_on_step_end_tensor_inputs})
+                if out and "latents" in out:
+                    return out["latents"]
+            return None
+
+        try:
+            with self._placed(unet):
+                return self.scheduler.sample(model_fn, latents, timesteps, generator=generator,
+                                             callback=step_callback, eta=eta)
+        finally:
+            bar.close()
+
+    def decode_latents(self, latents: torch.Tensor, decode_chunk_size: int | None = None) -> torch.Tensor:
+        """latents b c f h w (scaled) -> video b c f H W in [-1, 1], float32. `decode_chunk_size` frames
+        go through the VAE at a time (all at once by default, as diffusers)."""
+        b = latents.shape[0]
+        z = rearrange(latents / self.vae.config.scaling_factor, "b c f h w -> (b f) c h w")
+        step = decode_chunk_size or z.shape[0]
+        with self._placed(self.vae):
+            z = z.to(self._execution_device, self.vae.dtype)
+            frames = torch.cat([self.vae.decode(z[i : i + step]) for i in range(0, z.shape[0], step)])
+        return rearrange(frames, "(b f) c h w -> b c f h w", b=b).float()
+
+    @staticmethod
+    def postprocess(video: torch.Tensor, output_type: str):
+        """b c f h w in [-1, 1] -> the requested output type (diffusers' VideoProcessor conventions)."""
+        video = (video / 2 + 0.5).clamp(0, 1)
+        if output_type == "pt":
+            return rearrange(video, "b c f h w -> b f c h w").cpu()
+        frames = rearrange(video, "b c f h w -> b f h w c").cpu().numpy()
+        if output_type == "np":
+            return frames.view(VideoFrames)
+        from PIL import Image
+
+        return [[Image.fromarray((f * 255).round().astype(np.uint8)) for f in v] for v in frames]
+
+    def _finish(self, latents, output_type, return_dict, decode_chunk_size):
+        if output_type == "latent":
+            video = latents
+        else:
+            video = self.postprocess(self.decode_latents(latents, decode_chunk_size), output_type)
+        return TextToVideoSDPipelineOutput(frames=video) if return_dict else (video,)
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: str | list[str] | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        num_frames: int = 16,
+        num_inference_steps: int = 50,
+        guidance_scale: float | None = None,
+        negative_prompt: str | list[str] | None = None,
+        eta: float = 0.0,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        latents: torch.Tensor | None = None,
+        prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
+        output_type: str = "np",
+        return_dict: bool = True,
+        callback: Callable | None = None,
+        callback_steps: int = 1,
+        cross_attention_kwargs: dict | None = None,
+        clip_skip: int | None = None,
+        num_videos_per_prompt: int = 1,
+        callback_on_step_end: Callable | None = None,
+        callback_on_step_end_tensor_inputs: tuple[str, ...] = ("latents",),
+        decode_chunk_size: int | None = None,
+        video=None,
+        strength: float = 0.6,
+    ):
+        """Generate videos (diffusers 0.42's arguments and defaults: guidance_scale 9.0; the last six are
+        additions). Passing `video=` runs video-to-video whatever the folder's model_index.json names
+        (guidance then defaults to 15.0, as in diffusers' VideoToVideoSDPipeline).
+
+        Noise is drawn exactly as diffusers draws it: the same `torch.Generator` gives the same video.
+        """
+        if video is not None:
+            return VideoToVideoSDPipeline.__call__(
+                self, prompt, video=video, strength=strength, num_inference_steps=num_inference_steps,
+                guidance_scale=15.0 if guidance_scale is None else guidance_scale, negative_prompt=negative_prompt,
+                eta=eta, generator=generator, latents=latents, prompt_embeds=prompt_embeds,
+                negative_prompt_embeds=negative_prompt_embeds, output_type=output_type, return_dict=return_dict,
+                callback=callback, callback_steps=callback_steps, cross_attention_kwargs=cross_attention_kwargs,
+                clip_skip=clip_skip, num_videos_per_prompt=num_videos_per_prompt,
+                callback_on_step_end=callback_on_step_end,
+                callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
+                decode_chunk_size=decode_chunk_size,
+            )
+        guidance_scale = 9.0 if guidance_scale is None else guidance_scale
+        with self._cpu_precision():
+            return self._text_to_video(
+                prompt, height, width, num_frames, num_inference_steps, guidance_scale, negative_prompt, eta,
+                generator, latents, prompt_embeds, negative_prompt_embeds, output_type, return_dict, callback,
+                callback_steps, cross_attention_kwargs, clip_skip, num_videos_per_prompt, callback_on_step_end,
+                callback_on_step_end_tensor_inputs, decode_chunk_size,
+            )
+
+    def _text_to_video(self, prompt, height, width, num_frames, num_inference_steps, guidance_scale, negative_prompt,
+                       eta, generator, latents, prompt_embeds, negative_prompt_embeds, output_type, return_dict,
+                       callback, callback_steps, cross_attention_kwargs, clip_skip, num_videos_per_prompt,
+                       callback_on_step_end, callback_on_step_end_tensor_inputs, decode_chunk_size):
+        factor = self.vae_scale_factor
+        height = height or self.unet.config.sample_size * factor
+        width = width or self.unet.config.sample_size * factor
+        batch = self._check_common(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, num_inference_steps,
+                                   guidance_scale, output_type, callback_steps, num_videos_per_prompt, decode_chunk_size)
+        for name, v in (("height", height), ("width", width)):
+            if not isinstance(v, int) or v <= 0 or v % factor:
+                raise ValueError(f"{name} must be a positive multiple of {factor}, got {v!r}")
+        if not isinstance(num_frames, int) or num_frames < 1:
+            raise ValueError(f"num_frames must be an integer >= 1, got {num_frames!r}")
+        shape = (batch * num_videos_per_prompt, self.unet.config.in_channels, num_frames, height // factor, width // factor)
+        if latents is not None and tuple(latents.shape) != shape:
+            raise ValueError(f"latents must have shape {shape}, got {tuple(latents.shape)}")
+        bad = set(callback_on_step_end_tensor_inputs) - {"latents", "prompt_embeds"}
+        if bad:
+            raise ValueError(f"callback_on_step_end_tensor_inputs: unknown names {sorted(bad)}")
+
+        context = self._text_conditioning(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds,
+                                          guidance_scale, num_videos_per_prompt, clip_skip)
+        device = self._execution_device
+        self.scheduler.set_timesteps(num_inference_steps, device=device)
+        if latents is None:
+            latents = randn_tensor(shape, generator, device, context.dtype)
+        latents = latents.to(device, context.dtype) * self.scheduler.init_noise_sigma
+        latents = self._denoise(
+            latents, self.scheduler.timesteps, context, guidance_scale, eta=eta, generator=generator,
+            callback=callback, callback_steps=callback_steps, callback_on_step_end=callback_on_step_end,
+            callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
+            cross_attention_kwargs=cross_attention_kwargs,
+        )
+        return self._finish(latents, output_type, return_dict, decode_chunk_size)
+
+
+class VideoToVideoSDPipeline(TextToVideoSDPipeline):
+    """Video-to-video (SDEdit): noise a given video to `strength` and denoise it with the prompt; the
+    zeroscope_v2_XL upscaling recipe. Same components as text-to-video."""
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: str | list[str] | None = None,
+        video=None,
+        strength: float = 0.6,
+        num_inference_steps: int = 50,
+        guidance_scale: float = 15.0,
+        negative_prompt: str | list[str] | None = None,
+        eta: float = 0.0,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        latents: torch.Tensor | None = None,
+        prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
+        output_type: str = "np",
+        return_dict: bool = True,
+        callback: Callable | None = None,
+        callback_steps: int = 1,
+        cross_attention_kwargs: dict | None = None,
+        clip_skip: int | None = None,
+        num_videos_per_prompt: int = 1,
+        callback_on_step_end: Callable | None = None,
+        callback_on_step_end_tensor_inputs: tuple[str, ...] = ("latents",),
+        decode_chunk_size: int | None = None,
+    ):
+        """Video-to-video with diffusers 0.42's arguments and defaults (strength 0.6, guidance 15).
+
+        `latents`, if given, are the already-noised starting latents at the first kept timestep (diffusers
+        silently ignores them); otherwise the video is encoded and noised as diffusers does.
+        """
+        batch = self._check_common(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, num_inference_steps,
+                                   guidance_scale, output_type, callback_steps, num_videos_per_prompt, decode_chunk_size)
+        if not isinstance(strength, (int, float)) or not 0 <= strength <= 1:
+            raise ValueError(f"strength must be in [0, 1], got {strength!r}")
+        if video is None and latents is None:
+            raise ValueError("pass video (or latents) to video-to-video")
+        pixels = self.preprocess_video(video) if video is not None else None
+        total = batch * num_videos_per_prompt
+        if pixels is not None and pixels.shape[0] not in (1, total):
+            raise ValueError(f"video has batch size {pixels.shape[0]}, but {total} videos are requested")
+
+        with self._cpu_precision():
+            return self._video_to_video(
+                prompt, pixels, strength, num_inference_steps, guidance_scale, negative_prompt, eta, generator,
+                latents, prompt_embeds, negative_prompt_embeds, output_type, return_dict, callback, callback_steps,
+                cross_attention_kwargs, clip_skip, num_videos_per_prompt, callback_on_step_end,
+                callback_on_step_end_tensor_inputs, decode_chunk_size, total,
+            )
 
 
 class DiffusionPipeline:
@@ -210,7 +737,7 @@ class DiffusionPipeline:
     def from_pretrained(cls, path_or_repo_id, **kwargs):
         folder = loading.resolve(path_or_repo_id, revision=kwargs.get("revision"), variant=kwargs.get("variant"))
         name = loading.pipeline_class_name(folder, loading.detect_layout(folder))
-        classes = {c.__name__: c for c in (TextToVideoSDPipeline,)}
+        classes = {c.__name__: c for c in (TextToVideoSDPipeline, VideoToVideoSDPipeline)}
         if name not in classes:
             raise ValueError(f"{path_or_repo_id}: unsupported pipeline class {name!r} (supported: {sorted(classes)})")
         return classes[name].from_pretrained(folder, **kwargs)

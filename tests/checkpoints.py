@@ -48,14 +48,14 @@ TINY_ORIGINAL_UNET = UNetConfig(
 TINY_VAE: VAEConfig = VAE_PRESETS["tiny"]
 
 
-def diffusers_components(seed: int = 0, unet: UNetConfig | None = None):
+def diffusers_components(seed: int = 0, unet: UNetConfig | None = None, vae: VAEConfig | None = None):
     """The reference modules (diffusers, transformers) of a tiny model, perturbed."""
     from diffusers import AutoencoderKL, DDIMScheduler, UNet3DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     torch.manual_seed(seed)
     unet_ref = perturb_(UNet3DConditionModel.from_config(unet_config_to_diffusers(unet or UNET_PRESETS["tiny"])), seed)
-    vae_ref = perturb_(AutoencoderKL.from_config(vae_config_to_diffusers(TINY_VAE)), seed + 1)
+    vae_ref = perturb_(AutoencoderKL.from_config(vae_config_to_diffusers(vae or TINY_VAE)), seed + 1)
     text_ref = perturb_(CLIPTextModel(CLIPTextConfig(**TEXT_PRESETS["tiny"])), seed + 2)
     scheduler = DDIMScheduler.from_config(RELEASED_SCHEDULER)
     return dict(
@@ -66,13 +66,13 @@ def diffusers_components(seed: int = 0, unet: UNetConfig | None = None):
 
 def make_diffusers_checkpoint(
     folder: Path, *, seed: int = 0, variant: str | None = None, safe_serialization: bool = True,
-    pipeline: str = "TextToVideoSDPipeline", unet: UNetConfig | None = None,
+    pipeline: str = "TextToVideoSDPipeline", unet: UNetConfig | None = None, vae: VAEConfig | None = None,
 ) -> Path:
     """Write a tiny checkpoint with diffusers' own writer. variant="fp16" stores fp16 tensors under
     `*.fp16.*` names, as the released repos do."""
     import diffusers
 
-    parts = diffusers_components(seed, unet)
+    parts = diffusers_components(seed, unet, vae)
     pipe = getattr(diffusers, pipeline)(**parts)
     if variant == "fp16":
         pipe.to(torch.float16)
