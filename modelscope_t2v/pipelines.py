@@ -19,7 +19,7 @@ import torch
 from einops import rearrange
 
 from . import loading
-from .text import build_text_encoder
+from .text import build_text_encoder, tokenize
 from .unet import UNet3D
 from .vae import AutoencoderKL
 
@@ -92,6 +92,9 @@ class TextToVideoSDPipeline:
         self._progress: dict = {}
         # Half-precision weights on a CPU compute in float32 during a call (see `_cpu_precision`).
         self.cpu_upcast = True
+        # "open_clip": prompts tokenized as the model was trained (open_clip); "diffusers": exactly as
+        # diffusers' pipeline does, which turns every "!" in a prompt into padding (text.tokenize).
+        self.tokenization = "open_clip"
 
     # -- loading and saving ---------------------------------------------------------------------------
 
@@ -316,13 +319,7 @@ class TextToVideoSDPipeline:
 
     @torch.no_grad()
     def _embed(self, prompts: list[str], device, clip_skip: int | None) -> torch.Tensor:
-        ids = self.tokenizer(
-            prompts,
-            padding="max_length",
-            max_length=self.tokenizer.model_max_length,
-            truncation=True,
-            return_tensors="pt",
-        ).input_ids.to(device)
+        ids = tokenize(self.tokenizer, prompts, match=self.tokenization).to(device)
         if clip_skip is None:
             return self.text_encoder(ids)[0]
         out = self.text_encoder(ids, output_hidden_states=True)
