@@ -1,0 +1,434 @@
+"""train.py / modelscope_t2v.train_loop: loss falls, resume is bit-exact (also after SIGKILLs), 2-process
+DDP and FSDP on gloo, unreadable videos are skipped and counted, mixed batches reach the model as images
+and videos, checkpoints load as pipelines, a NaN loss stops the run. Tiny model, 4 frames of 16x16 pixels
+(8x8 latents), CPU.
+
+In-process runs and command-line runs are built from the same override lists through Hydra's compose
+API, so a run of one kind can be compared with a run of the other bit for bit.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.errors import ConfigCompositionException
+from omegaconf import OmegaConf
+from omegaconf.errors import ValidationError
+from safetensors.torch import load_file
+
+from modelscope_t2v import checkpointing as ckpt
+from modelscope_t2v import data as data_lib
+from modelscope_t2v.pipelines import TextToVideoSDPipeline
+from modelscope_t2v.train_loop import ConfigError, NonFiniteLossError, TrainConfig, TrainerConfig, check_config, lr_at, train
+from modelscope_t2v.unet import UNet3D
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+import train as train_script  # noqa: E402  (registers the structured config schema)
+
+# trainer=debug: fp32, lr 1e-3, EMA 0.99, no warmup. Dropout (0.1) and caption dropout (0.1) stay on, so
+# exact resume also proves that the random draws are restored.
+BASE = ["model=tiny", "data=shapes", "trainer=debug", "seed=3", "data.num_frames=4", "data.height=16",
+        "data.width=16", "trainer.batch_size=1", "trainer.log_every=1", "trainer.warmup_steps=3"]
+WEIGHTS = ["unet/diffusion_pytorch_model.safetensors", "raw/unet/diffusion_pytorch_model.safetensors",
+           "training_state/optimizer.safetensors"]
+
+
+def compose_cfg(overrides: list[str]) -> TrainConfig:
+    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
+        cfg = compose(config_name="train", overrides=train_script.expand_model_shorthand(overrides))
+    return OmegaConf.to_object(cfg)
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def assert_same_checkpoint(a: Path, b: Path) -> None:
+    for name in WEIGHTS:
+        x, y = load_file(str(a / name)), load_file(str(b / name))
+        assert x.keys() == y.keys(), name
+        different = [k for k in x if not torch.equal(x[k], y[k])]
+        assert not different, f"{name}: {len(different)} tensors differ, e.g. {different[:3]}"
+
+
+def cli_env() -> dict:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1",
+            "HYDRA_FULL_ERROR": "1"}
+
+
+def cli(overrides: list[str], **kw) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, str(ROOT / "train.py"), *overrides], cwd=ROOT, env=cli_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Configs and pure functions.
+
+
+def test_config_schema_rejects_typos_wrong_types_and_bad_values():
+    cfg = compose_cfg(BASE)
+    assert isinstance(cfg, TrainConfig) and cfg.trainer.lr == 1e-3 and cfg.data.num_frames == 4
+    with pytest.raises(ConfigCompositionException) as e:
+        compose_cfg(BASE + ["trainer.max_step=3"])
+    assert "Key 'max_step' not in 'TrainerConfig'" in str(e.value.__cause__)
+    with pytest.raises(ConfigError, match=r"unknown config key\(s\) \['trainer.max_step'\]"):
+        check_config(compose_cfg(BASE + ["+trainer.max_step=3"]))  # Hydra's append skips the schema check
+    with pytest.raises(ConfigCompositionException) as e:
+        compose_cfg(BASE + ["trainer.max_steps=many"])
+    assert isinstance(e.value.__cause__, ValidationError) and "max_steps" in str(e.value.__cause__)
+    bad = compose_cfg(BASE + ["trainer.precision=fp8"])
+    with pytest.raises(ConfigError, match=r"trainer.precision must be one of .*'bf16'.*got 'fp8'"):
+        check_config(bad)
+    with pytest.raises(ConfigError, match="zero_terminal_snr=true needs trainer.prediction_type=v_prediction"):
+        check_config(compose_cfg(BASE + ["trainer.zero_terminal_snr=true"]))
+    # model=<folder or hub id> is short for the checkpoint option
+    assert train_script.expand_model_shorthand(["model=tiny", "model=org/name"]) == [
+        "model=tiny", "model=checkpoint", "model.name_or_path=org/name"]
+    assert compose_cfg(BASE + ["model=runs/a/checkpoints/last"]).model.name_or_path == "runs/a/checkpoints/last"
+
+
+def test_lr_schedule_is_a_function_of_the_step():
+    t = TrainerConfig(lr=1.0, warmup_steps=10, lr_schedule="cosine", max_steps=110, min_lr_ratio=0.1)
+    assert lr_at(0, t) == pytest.approx(0.1) and lr_at(9, t) == pytest.approx(1.0)
+    assert lr_at(10, t) == pytest.approx(1.0) and lr_at(60, t) == pytest.approx(0.55)
+    assert lr_at(110, t) == pytest.approx(0.1)
+    t.lr_schedule = "linear"
+    assert lr_at(60, t) == pytest.approx(0.55)
+
+
+def test_checkpoint_publication_is_atomic(tmp_path):
+    root = tmp_path / "checkpoints"
+    ckpt.write_step_checkpoint(root, 1, lambda d: (d / "a.txt").write_text("one"))
+    assert (root / "last" / "a.txt").read_text() == "one"
+
+    def crash(d):
+        (d / "a.txt").write_text("half")
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        ckpt.write_step_checkpoint(root, 2, crash)
+    assert (root / "last").resolve().name == "step-00000001" and not (root / "step-00000002").exists()
+    assert ckpt.remove_partial(root) and ckpt.latest_checkpoint(root).name == "step-00000001"
+    ckpt.write_step_checkpoint(root, 2, lambda d: (d / "a.txt").write_text("two"))
+    ckpt.prune(root, keep=1)
+    assert [p.name for _, p in ckpt.step_checkpoints(root)] == ["step-00000002"]
+
+
+# ---------------------------------------------------------------------------------------------------
+# A short run: loss falls, validation, checkpoints load.
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory) -> Path:
+    run = tmp_path_factory.mktemp("trained")
+    cfg = compose_cfg(BASE + ["trainer.max_steps=30", "trainer.batch_size=2", "trainer.checkpoint_every=15",
+                              "trainer.validate_every=15", "trainer.validation.num_inference_steps=2",
+                              f"run_dir={run}"])
+    last = train(cfg)
+    assert last == run / "checkpoints" / "last"
+    return run
+
+
+def test_loss_falls_on_shapes(trained_run):
+    rows = metrics(trained_run)
+    assert [r["step"] for r in rows] == list(range(1, 31))
+    first, last = np.mean([r["loss"] for r in rows[:10]]), np.mean([r["loss"] for r in rows[-10:]])
+    assert last < 0.6 * first, (first, last)
+    evals = [r for r in rows if "eval_loss" in r]
+    assert [r["step"] for r in evals] == [15, 30] and evals[1]["eval_loss"] < evals[0]["eval_loss"]
+    for key in ("lr", "grad_norm", "samples_per_s", "skipped", "samples", "eval_loss_ema"):
+        assert key in rows[-1], key
+    assert rows[-1]["samples"] == 60 and rows[-1]["video_samples"] == 60
+    assert sorted(p.name for p in (trained_run / "validation" / "step-00000030").iterdir()) == ["00.mp4", "01.mp4"]
+    assert any((trained_run / "tensorboard").iterdir())
+
+
+def test_checkpoint_loads_as_a_pipeline_with_ema_and_raw_weights(trained_run, tmp_path):
+    last = trained_run / "checkpoints" / "last"
+    pipe = TextToVideoSDPipeline.from_pretrained(last)
+    raw = TextToVideoSDPipeline.from_pretrained(last / "raw")
+    ema_w, raw_w = dict(pipe.unet.named_parameters()), dict(raw.unet.named_parameters())
+    assert ema_w.keys() == raw_w.keys()
+    assert any(not torch.equal(ema_w[k], raw_w[k]) for k in ema_w)  # EMA by default, raw beside it
+    state = json.loads((last / "training_state" / "trainer_state.json").read_text())
+    assert state["step"] == 30 and state["ema"] is True
+    # step 15 was written by save_pretrained; step 30 links the frozen parts from it and writes the rest
+    # with the same writers: the same files, the frozen ones shared (raw/ and both steps: 4 links)
+    first, second = trained_run / "checkpoints" / "step-00000015", last.resolve()
+
+    def files(folder):
+        return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
+
+    assert files(first) == files(second)
+    assert os.stat(second / "text_encoder" / "model.safetensors").st_nlink == 4
+    video = pipe("a red circle moving right", num_frames=2, height=16, width=16, num_inference_steps=2,
+                 generator=torch.Generator().manual_seed(0), output_type="np").frames[0]
+    assert video.shape == (2, 16, 16, 3) and np.isfinite(video).all()
+    from modelscope_t2v.loading import convert_checkpoint
+
+    out = convert_checkpoint(str(last), str(tmp_path / "export"), "diffusers", progress=False)
+    exported = TextToVideoSDPipeline.from_pretrained(out)
+    assert all(torch.equal(a, b) for a, b in zip(exported.unet.parameters(), pipe.unet.parameters()))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Resume: bit-identical after a clean stop and after SIGKILLs.
+
+
+@pytest.fixture(scope="module")
+def straight_30(tmp_path_factory) -> Path:
+    run = tmp_path_factory.mktemp("straight")
+    train(compose_cfg(BASE + ["trainer.max_steps=30", "trainer.grad_accum=2", f"run_dir={run}"]))
+    return run
+
+
+def test_resume_is_bit_identical(straight_30, tmp_path):
+    run = tmp_path / "run"
+    common = BASE + ["trainer.grad_accum=2", f"run_dir={run}"]
+    train(compose_cfg(common + ["trainer.max_steps=20"]))
+    with pytest.raises(FileExistsError, match="resume=true"):
+        train(compose_cfg(common + ["trainer.max_steps=30"]))
+    train(compose_cfg(common + ["trainer.max_steps=30", "resume=true"]))
+    assert_same_checkpoint(straight_30 / "checkpoints" / "last", run / "checkpoints" / "last")
+    a, b = metrics(straight_30), metrics(run)
+    assert [r["step"] for r in b] == list(range(1, 31))
+    assert [r["loss"] for r in a] == [r["loss"] for r in b]
+
+
+def test_sigkill_at_any_moment_leaves_last_loadable_and_resume_exact(straight_30, tmp_path):
+    run = tmp_path / "run"
+    # a checkpoint every step, so a good part of the time is spent writing one
+    overrides = BASE + ["trainer.grad_accum=2", "trainer.max_steps=30", "trainer.checkpoint_every=2",
+                        f"run_dir={run}", "resume=true"]
+    root = run / "checkpoints"
+    rng = random.Random(0)
+
+    def run_until(stop) -> int:
+        proc = cli(overrides)
+        try:
+            deadline = time.monotonic() + 120
+            while proc.poll() is None and time.monotonic() < deadline:
+                if stop():
+                    proc.send_signal(signal.SIGKILL)
+                    break
+                time.sleep(0.002)
+            proc.wait(timeout=60)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+        return proc.returncode
+
+    def step_of_last() -> int:
+        last = root / "last"
+        return int(last.resolve().name.split("-")[1]) if last.is_dir() else 0
+
+    def writing() -> bool:
+        return root.is_dir() and any(p.name.startswith(".tmp-step") for p in root.iterdir())
+
+    def check_last():  # after every kill, `last` is a complete, loadable checkpoint
+        pipe = TextToVideoSDPipeline.from_pretrained(root / "last")
+        assert isinstance(pipe.unet, UNet3D)
+        assert json.loads((root / "last" / "training_state" / "trainer_state.json").read_text())["step"] > 0
+
+    # 1: killed while a checkpoint folder is being written (after at least 2 published ones)
+    assert run_until(lambda: step_of_last() >= 4 and writing()) == -signal.SIGKILL
+    assert any(p.name.startswith(".tmp-step") for p in root.iterdir())  # it died mid-write
+    check_last()
+    # 2: resumed, then killed at a random moment a few checkpoints later
+    target, delay, seen = step_of_last() + rng.choice([4, 6]), rng.uniform(0.0, 0.5), []
+
+    def random_moment():
+        if step_of_last() >= target:
+            seen.append(seen[0] if seen else time.monotonic())
+            return time.monotonic() - seen[0] >= delay
+        return False
+
+    assert run_until(random_moment) == -signal.SIGKILL
+    check_last()
+    # 3: resumed to the end
+    assert run_until(lambda: False) == 0
+    assert not any(p.name.startswith(".tmp") for p in root.iterdir())
+    assert_same_checkpoint(straight_30 / "checkpoints" / "last", root / "last")
+    assert [r["step"] for r in metrics(run)] == list(range(1, 31))  # lines past a checkpoint were dropped
+
+
+# ---------------------------------------------------------------------------------------------------
+# Several processes.
+
+
+_TWO_RUNS = """
+import sys
+import torch.distributed as dist
+
+sys.path[:0] = [{root!r}, {tests!r}]
+dist.init_process_group("gloo")  # train() joins a process group it finds (and leaves it open)
+from test_train import BASE, compose_cfg
+from modelscope_t2v.train_loop import train
+
+for parallel, run in (("ddp", sys.argv[1]), ("fsdp", sys.argv[2])):
+    train(compose_cfg(BASE + ["trainer.max_steps=3", "trainer.grad_accum=2", f"trainer.parallel={{parallel}}",
+                              "trainer.checkpoint_every=0", f"run_dir={{run}}"]))
+dist.destroy_process_group()
+"""
+
+
+def test_two_processes_on_gloo_ddp_and_fsdp_agree(tmp_path):
+    """torchrun, 2 CPU processes, a DDP run then an FSDP2 run: they train the same thing (same per-rank
+    data and seeds; only the reduction order differs), rank 0 logs, checkpoints hold whole tensors.
+    (One launch for both runs: process start-up is most of the cost on a CPU.)"""
+    script = tmp_path / "two_runs.py"
+    script.write_text(_TWO_RUNS.format(root=str(ROOT), tests=str(ROOT / "tests")))
+    runs = {"ddp": tmp_path / "ddp", "fsdp": tmp_path / "fsdp"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
+           str(runs["ddp"]), str(runs["fsdp"])]
+    out = subprocess.run(cmd, cwd=ROOT, env=cli_env(), capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    for run in runs.values():
+        rows = metrics(run)
+        assert [r["step"] for r in rows] == [1, 2, 3]  # rank 0 logs, once per step
+        assert rows[-1]["samples"] == 3 * 2 * 2  # steps x micro-batches x ranks (batch 1)
+        last = run / "checkpoints" / "last"
+        state = json.loads((last / "training_state" / "trainer_state.json").read_text())
+        assert state["world_size"] == 2 and state["step"] == 3
+        opt = load_file(str(last / "training_state" / "optimizer.safetensors"))
+        assert opt["conv_in.weight/exp_avg"].shape == (32, 4, 3, 3)  # gathered, not a shard
+    ddp, fsdp = metrics(runs["ddp"]), metrics(runs["fsdp"])
+    np.testing.assert_allclose([r["loss"] for r in fsdp], [r["loss"] for r in ddp], rtol=1e-5)
+    a = TextToVideoSDPipeline.from_pretrained(runs["ddp"] / "checkpoints" / "last" / "raw").unet.state_dict()
+    b = TextToVideoSDPipeline.from_pretrained(runs["fsdp"] / "checkpoints" / "last" / "raw").unet.state_dict()
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-4
+
+
+# ---------------------------------------------------------------------------------------------------
+# Data: unreadable videos, mixed image / video batches.
+
+
+def _webvid(root: Path, corrupt: int = 1) -> tuple[Path, Path]:
+    videos = root / "videos"
+    (videos / "p").mkdir(parents=True)
+    rows = ["videoid,contentUrl,duration,page_dir,name"]
+    rng = np.random.default_rng(0)
+    for i in range(4):
+        path = videos / "p" / f"{i}.mp4"
+        if i < corrupt:
+            path.write_bytes(b"\x00\x00\x00\x18ftypmp42" + rng.bytes(300))  # an mp4 header, then garbage
+        else:
+            data_lib.save_video_frames(path, rng.integers(0, 255, (6, 16, 16, 3), dtype=np.uint8), fps=8)
+        rows.append(f"{i},http://x/{i}.mp4,PT00H00M01S,p,clip number {i}")
+    (root / "results.csv").write_text("\n".join(rows) + "\n")
+    return root / "results.csv", videos
+
+
+def test_corrupt_video_is_skipped_and_counted(tmp_path):
+    csv, videos = _webvid(tmp_path / "webvid")
+    run = tmp_path / "run"
+    cfg = compose_cfg(BASE + ["data=webvid", f"data.csv={csv}", f"data.video_root={videos}", "data.target_fps=null",
+                              "data.num_frames=4", "data.height=16", "data.width=16", "trainer.batch_size=2",
+                              "trainer.max_steps=4", f"run_dir={run}"])
+    train(cfg)
+    rows = metrics(run)
+    assert rows[-1]["skipped"] >= 1  # 8 samples drawn from 4 files: the corrupt one came up at least once
+    assert sum(r["skipped_step"] for r in rows) == rows[-1]["skipped"]
+    assert rows[-1]["samples"] == 8 and all(np.isfinite(r["loss"]) for r in rows)
+
+
+def test_mixed_batches_reach_the_model_as_images_and_videos(tmp_path, monkeypatch):
+    frames_seen = []
+    forward = UNet3D.forward
+
+    def spy(self, sample, *args, **kwargs):
+        frames_seen.append(sample.shape[2])
+        return forward(self, sample, *args, **kwargs)
+
+    monkeypatch.setattr(UNet3D, "forward", spy)
+    run = tmp_path / "run"
+    train(compose_cfg(BASE + ["data=mixed", "data.image_ratio=0.5", "data.num_frames=4", "data.height=16",
+                              "data.width=16", "trainer.max_steps=8", f"run_dir={run}"]))
+    last = metrics(run)[-1]
+    assert last["image_samples"] > 0 and last["video_samples"] > 0
+    assert last["image_samples"] + last["video_samples"] == 8
+    assert set(frames_seen) == {1, 4}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Non-finite losses; other precisions and objectives; the autoencoder.
+
+
+def _poison(monkeypatch, bad_batches: set[int]) -> None:
+    real = data_lib.make_loader
+
+    def make_loader(cfg, **kw):
+        for batch in real(cfg, **kw):
+            if batch["batch_index"] in bad_batches:
+                batch["pixels"] = torch.full_like(batch["pixels"], float("nan"))
+            yield batch
+
+    monkeypatch.setattr(data_lib, "make_loader", make_loader)
+
+
+def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    _poison(monkeypatch, {6})  # the 7th batch: step 7
+    run = tmp_path / "run"
+    with pytest.raises(NonFiniteLossError, match=r"non-finite loss nan at step 7 .*step-00000005"):
+        train(compose_cfg(BASE + ["trainer.max_steps=10", "trainer.checkpoint_every=5", f"run_dir={run}"]))
+    assert (run / "checkpoints" / "last").resolve().name == "step-00000005"
+    assert not (run / "checkpoints" / "step-00000007").exists()
+    pipe = TextToVideoSDPipeline.from_pretrained(run / "checkpoints" / "last")
+    assert all(torch.isfinite(p).all() for p in pipe.unet.parameters())
+
+
+def test_nan_loss_can_be_skipped_and_counted(tmp_path, monkeypatch):
+    _poison(monkeypatch, {2})
+    run = tmp_path / "run"
+    train(compose_cfg(BASE + ["trainer.max_steps=5", "trainer.on_nonfinite=skip", f"run_dir={run}"]))
+    rows = metrics(run)
+    assert rows[-1]["nonfinite_steps"] == 1 and rows[-1]["step"] == 5
+    assert all(torch.isfinite(t).all() for t in load_file(str(run / "checkpoints" / "last" / WEIGHTS[1])).values())
+
+
+def test_precisions_objectives_and_caches_run_and_resume(tmp_path):
+    run = tmp_path / "run"
+    common = BASE + ["trainer.precision=fp16", "trainer.gradient_checkpointing=true", "trainer.grad_accum=2",
+                     "trainer.prediction_type=v_prediction", "trainer.zero_terminal_snr=true",
+                     "trainer.offset_noise=0.1", "trainer.latent_cache_size=64", "trainer.lr_schedule=cosine",
+                     f"run_dir={run}"]
+    train(compose_cfg(common + ["trainer.max_steps=2"]))
+    last = run / "checkpoints" / "last"
+    assert json.loads((last / "training_state" / "scaler.json").read_text())["scale"] > 0
+    sched = json.loads((last / "scheduler" / "scheduler_config.json").read_text())
+    assert sched["prediction_type"] == "v_prediction" and sched["rescale_betas_zero_snr"] is True
+    assert sched["timestep_spacing"] == "trailing"
+    train(compose_cfg(common + ["trainer.max_steps=3", "resume=true"]))
+    assert [r["step"] for r in metrics(run)] == [1, 2, 3]
+    assert all(np.isfinite(r["loss"]) for r in metrics(run))
+    bf16 = tmp_path / "bf16"
+    train(compose_cfg(BASE + ["trainer.precision=bf16", "trainer.max_steps=1", f"run_dir={bf16}"]))
+    assert all(np.isfinite(r["loss"]) for r in metrics(bf16))
+
+
+def test_autoencoder_alone_trains_and_loads(tmp_path):
+    run = tmp_path / "run"
+    train(compose_cfg(BASE + ["trainer=vae", "trainer.max_steps=30", "trainer.lr=2e-3", "trainer.batch_size=2",
+                              "trainer.log_every=1", "trainer.warmup_steps=0", "trainer.checkpoint_every=30",
+                              "trainer.precision=fp32", "trainer.gradient_checkpointing=false",
+                              "trainer.validate_every=30", "trainer.progress_bar=false", f"run_dir={run}"]))
+    rows = metrics(run)
+    assert np.mean([r["loss"] for r in rows[-5:]]) < 0.6 * np.mean([r["loss"] for r in rows[:5]])
+    last = run / "checkpoints" / "last"
+    assert (last / "raw" / "vae" / "diffusion_pytorch_model.safetensors").is_file()
+    pipe = TextToVideoSDPipeline.from_pretrained(last)
+    raw = TextToVideoSDPipeline.from_pretrained(last / "raw")
+    assert any(not torch.equal(a, b) for a, b in zip(pipe.vae.parameters(), raw.vae.parameters()))
+    assert (run / "validation" / "step-00000030" / "00.mp4").is_file()  # input | reconstruction
