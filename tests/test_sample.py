@@ -1,0 +1,271 @@
+"""sample.py: end to end through Hydra (subprocess) on tiny checkpoints written by diffusers, the
+plain `generate(cfg)` path, the upscaling pass, and bad overrides / values refused before any load."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import av
+import pytest
+import torch
+
+from checkpoints import RELEASED_SCHEDULER, make_diffusers_checkpoint
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # sample.py is a script at the repository root
+
+import sample  # noqa: E402
+
+TINY = dict(steps=2, num_frames=3, height=32, width=32, progress=False)
+
+
+def run_sample(*overrides: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = dict(os.environ, OMP_NUM_THREADS="1", HYDRA_FULL_ERROR="0")  # two pytest workers share 2 cores
+    return subprocess.run(
+        [sys.executable, str(REPO / "sample.py"), *overrides],
+        cwd=cwd, env=env, capture_output=True, text=True, timeout=600,
+    )
+
+
+def read_mp4(path: Path) -> tuple[int, float, tuple[int, int]]:
+    """(decoded frame count, fps, (width, height)) read back with PyAV."""
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        frames = list(container.decode(stream))
+        return len(frames), float(stream.average_rate), (frames[0].width, frames[0].height)
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory) -> Path:
+    return make_diffusers_checkpoint(tmp_path_factory.mktemp("ckpt") / "text-to-video-tiny")
+
+
+@pytest.fixture(scope="module")
+def upscaler_ckpt(tmp_path_factory) -> Path:
+    # as cerspense/zeroscope_v2_XL: other weights, model_index naming VideoToVideoSDPipeline
+    return make_diffusers_checkpoint(
+        tmp_path_factory.mktemp("ckpt") / "upscaler-tiny", seed=1, pipeline="VideoToVideoSDPipeline"
+    )
+
+
+# ---------------------------------------------------------------------------------------------------
+# Through Hydra, as a user runs it
+
+
+def test_cli_writes_readable_mp4(ckpt, tmp_path):
+    out = tmp_path / "videos" / "clip.mp4"
+    r = run_sample(
+        "prompt=a red circle, moving left!", f"model={ckpt}", "steps=2", "num_frames=3", "height=32", "width=32",
+        "fps=6", "seed=1", "sampler=dpm++ 2M", f"out={out}", cwd=tmp_path,
+    )
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip().splitlines()[-1] == str(out)
+    assert read_mp4(out) == (3, 6.0, (32, 32))
+    assert "denoising" in r.stderr  # the progress bar, on stderr
+    # Hydra neither changed directory nor left anything behind (.hydra/, outputs/, *.log)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["videos"]
+
+
+def test_cli_preset_default_output_path(tmp_path):
+    r = run_sample("prompt=A cat, playing piano!", "steps=1", "num_frames=2", "height=16", "width=16", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    last = r.stdout.strip().splitlines()[-1]
+    path = Path(last)
+    assert path.parent == Path("outputs") and path.name.endswith("-a-cat-playing-piano.mp4"), last
+    assert read_mp4(tmp_path / path)[0] == 2
+    assert "RANDOMLY INITIALISED" in r.stderr  # a preset says its weights are random
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["outputs"]
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("steps=abc", "Value 'abc' of type 'str' could not be converted to Integer"),
+        ("promt=x", "Key 'promt' not in 'SampleConfig'"),
+        ("upscale.strenght=0.5", "Key 'strenght' not in 'UpscaleConfig'"),
+    ],
+)
+def test_cli_rejects_typos_and_types(override, message, tmp_path):
+    r = run_sample("prompt=x", override, cwd=tmp_path)
+    assert r.returncode != 0
+    assert message in r.stderr, r.stderr
+    assert r.stdout.strip() == ""
+
+
+def test_cli_rejects_bad_value_with_one_line(tmp_path):
+    r = run_sample("prompt=x", "height=30", cwd=tmp_path)
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines()[-1].startswith("error: height must be a positive multiple of 8")
+    assert "Traceback" not in r.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["an astronaut riding a horse, 4k", "it's a dog's life!", "a=b: [1,2] {k} ${x}", "back\\slash\\", "\\'"],
+)
+def test_free_text_prompts_need_no_hydra_quoting(text):
+    """`prompt=a, b` is what users type; commas, quotes, `!` and `${` reach the config unchanged."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from omegaconf import OmegaConf
+
+    for key in ("prompt", "negative_prompt"):
+        arg, = sample.quote_free_text([f"{key}={text}"])
+        value = OverridesParser.create().parse_override(arg).value()
+        assert OmegaConf.create({key: value})[key] == text
+    assert sample.quote_free_text(["model=a,b", 'prompt="x","y"']) == ["model=a,b", 'prompt="x","y"']
+
+
+def test_cli_requires_prompt(tmp_path):
+    r = run_sample("steps=1", cwd=tmp_path)
+    assert r.returncode != 0 and "prompt" in r.stderr
+
+
+# ---------------------------------------------------------------------------------------------------
+# generate(cfg) without Hydra
+
+
+def test_generate_gif_and_upscale(ckpt, upscaler_ckpt, tmp_path):
+    from PIL import Image
+
+    out = tmp_path / "up.gif"
+    path = sample.generate(dict(
+        prompt="a red circle", model=str(ckpt), out=str(out), fps=4, **TINY,
+        upscale=dict(model=str(upscaler_ckpt), width=48, height=40, strength=0.5, steps=4),
+    ))
+    assert path == out
+    with Image.open(path) as im:
+        assert (im.n_frames, im.size, im.info["duration"]) == (3, (48, 40), 250)
+
+
+def test_upscale_pass_runs_video_to_video_on_resized_frames(ckpt, upscaler_ckpt, tmp_path, monkeypatch):
+    """The second pass gets the first pass's frames resized to upscale.width x height, with its
+    strength, steps and guidance; with the same model it reuses the loaded weights."""
+    from modelscope_t2v import pipelines
+
+    calls = []
+    real = pipelines.VideoToVideoSDPipeline.__call__
+
+    def spy(self, prompt, **kw):
+        calls.append((self, kw))
+        return real(self, prompt, **kw)
+
+    monkeypatch.setattr(pipelines.VideoToVideoSDPipeline, "__call__", spy)
+    sample.generate(sample.SampleConfig(
+        prompt="a red circle", model=str(ckpt), out=str(tmp_path / "v.mp4"), **TINY,
+        upscale=sample.UpscaleConfig(model=str(ckpt), width=40, height=24, strength=0.75, guidance=12.0),
+    ))
+    (pipe, kw), = calls
+    assert kw["video"].shape == (3, 24, 40, 3) and 0 <= kw["video"].min() and kw["video"].max() <= 1
+    assert (kw["strength"], kw["num_inference_steps"], kw["guidance_scale"]) == (0.75, 2, 12.0)
+    assert read_mp4(tmp_path / "v.mp4") == (3, 8.0, (40, 24))
+
+
+def test_generate_is_reproducible_and_seeded(ckpt, tmp_path, monkeypatch):
+    """The seed drives a CPU generator handed to the pipeline: the frames the exporter receives are
+    identical for the same seed and differ for another."""
+    got = []
+    monkeypatch.setattr("modelscope_t2v.video_io.export_to_video", lambda f, p, fps: got.append(f.copy()) or str(p))
+    for seed in (3, 3, 4):
+        sample.generate(dict(prompt="x", model=str(ckpt), seed=seed, out=str(tmp_path / "v.mp4"), **TINY))
+    assert (got[0] == got[1]).all() and not (got[0] == got[2]).all()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Samplers: names -> the same schedulers diffusers builds with from_config
+
+
+@pytest.mark.parametrize(
+    "name,spacing,overrides",
+    [
+        ("ddim", None, {}),
+        ("DDIM", "trailing", {"timestep_spacing": "trailing"}),
+        ("dpm++ 2M", None, {"algorithm_type": "dpmsolver++", "solver_order": 2}),
+        ("dpm++ sde", "leading", {"algorithm_type": "sde-dpmsolver++", "solver_order": 2, "timestep_spacing": "leading"}),
+        ("dpm++3m", "linspace", {"algorithm_type": "dpmsolver++", "solver_order": 3, "timestep_spacing": "linspace"}),
+    ],
+)
+def test_sampler_mapping_matches_diffusers(name, spacing, overrides):
+    import diffusers
+
+    from modelscope_t2v.schedulers import scheduler_from_config
+
+    class Pipe:
+        scheduler = scheduler_from_config(RELEASED_SCHEDULER)
+
+    pipe = Pipe()
+    sample.set_sampler(pipe, name, spacing)
+    class_name = sample.SAMPLERS[sample.sampler_name(name)][0]
+    ref = getattr(diffusers, class_name).from_config(diffusers.DDIMScheduler.from_config(RELEASED_SCHEDULER).config,
+                                                     **overrides)
+    assert type(pipe.scheduler).__name__ == class_name
+    for key in ("timestep_spacing", "algorithm_type", "solver_order", "steps_offset", "beta_schedule"):
+        assert pipe.scheduler.config.get(key) == ref.config.get(key), key
+    pipe.scheduler.set_timesteps(25)
+    ref.set_timesteps(25)
+    assert torch.equal(pipe.scheduler.timesteps.long(), ref.timesteps.long())
+
+
+# ---------------------------------------------------------------------------------------------------
+# Values are checked before any model is loaded, and each error names its field
+
+
+@pytest.mark.parametrize(
+    "change,field",
+    [
+        (dict(height=30), "height"),
+        (dict(width=0), "width"),
+        (dict(num_frames=0), "num_frames"),
+        (dict(steps=0), "steps"),
+        (dict(steps=1001), "steps"),
+        (dict(sampler="euler"), "sampler"),
+        (dict(spacing="uniform"), "spacing"),
+        (dict(dtype="fp8"), "dtype"),
+        (dict(device="tpu"), "device"),
+        (dict(out="clip.avi"), "out"),
+        (dict(fps=0), "fps"),
+        (dict(guidance=float("nan")), "guidance"),
+        (dict(model="./no/such/folder"), "model"),
+        (dict(prompt="  "), "prompt"),
+        (dict(upscale=dict(model="tiny", strength=1.5)), "upscale.strength"),
+        (dict(upscale=dict(model="tiny", width=1020)), "upscale.width"),
+        (dict(upscale=dict(model="./nowhere")), "upscale.model"),
+    ],
+)
+def test_bad_values_fail_before_loading(change, field, monkeypatch):
+    from modelscope_t2v import pipelines
+
+    def no_load(*a, **k):
+        raise AssertionError("a model was loaded before the config was validated")
+
+    for cls in (pipelines.TextToVideoSDPipeline, pipelines.VideoToVideoSDPipeline):
+        monkeypatch.setattr(cls, "from_pretrained", classmethod(no_load))
+        monkeypatch.setattr(cls, "from_preset", classmethod(no_load))
+    cfg = {"prompt": "x", **change}
+    with pytest.raises(ValueError, match=rf"^{field}\b"):
+        sample.generate(cfg)
+
+
+def test_plain_config_rejects_unknown_keys_and_types():
+    from omegaconf.errors import ConfigKeyError, ValidationError
+
+    with pytest.raises(ConfigKeyError, match="promt"):
+        sample.as_config(dict(promt="x"))
+    with pytest.raises(ValidationError, match="steps"):
+        sample.as_config(dict(prompt="x", steps="abc"))
+
+
+def test_default_model_is_the_tiny_preset():
+    assert sample.SampleConfig(prompt="x").model == sample.DEFAULT_MODEL == "tiny"
+    assert "tiny" in sample.presets()
+
+
+def test_default_out_is_unique_and_slugged(tmp_path):
+    first = sample.default_out("An astronaut, riding a horse!!", now=0, folder=tmp_path)
+    first.write_bytes(b"")
+    second = sample.default_out("An astronaut, riding a horse!!", now=0, folder=tmp_path)
+    assert first.name.endswith("-an-astronaut-riding-a-horse.mp4")
+    assert second != first and second.name.endswith("-an-astronaut-riding-a-horse-1.mp4")
