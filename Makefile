@@ -16,8 +16,9 @@ setup: $(STAMP)
 test: setup
 	$(PY) -m pytest -q -n 2 --dist loadfile
 
+# The default model is the `tiny` preset (random weights) until a trained default ships.
 demo: setup
-	$(PY) demo.py
+	$(PY) sample.py prompt="a red circle moving left" steps=25 out=outputs/demo.mp4
 
 clean:
 	rm -rf $(VENV) outputs
