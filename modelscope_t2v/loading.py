@@ -455,6 +455,13 @@ def write_modelscope_text_encoder(folder: Path, config, state: dict) -> None:
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
+# component -> (reader, diffusers writer, original-layout writer)
+COMPONENT_IO = {
+    "unet": (read_unet, write_diffusers_unet, write_modelscope_unet),
+    "vae": (read_vae, write_diffusers_vae, write_modelscope_vae),
+    "text_encoder": (read_text_encoder, write_diffusers_text_encoder, write_modelscope_text_encoder),
+}
+
 
 def convert_checkpoint(
     src: str | os.PathLike,
@@ -494,28 +501,18 @@ def convert_checkpoint(
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent))
     try:
-        steps = tqdm(["unet", "vae", "text_encoder", "tokenizer+scheduler"], desc=f"{layout} -> {to}", disable=not progress)
+        steps = tqdm([*COMPONENT_IO, "tokenizer+scheduler"], desc=f"{layout} -> {to}", disable=not progress)
         unet_config = None
         for step in steps:
             steps.set_postfix_str(step)
-            if step == "unet":
-                unet_config, state = read_unet(folder, layout, variant)
+            if step in COMPONENT_IO:
+                read, write_diffusers, write_modelscope = COMPONENT_IO[step]
+                config, state = read(folder, layout, variant)
+                unet_config = config if step == "unet" else unet_config
                 if to == "diffusers":
-                    write_diffusers_unet(tmp, unet_config, casted(state), variant)
+                    write_diffusers(tmp, config, casted(state), variant)
                 else:
-                    write_modelscope_unet(tmp, unet_config, casted(state))
-            elif step == "vae":
-                config, state = read_vae(folder, layout, variant)
-                if to == "diffusers":
-                    write_diffusers_vae(tmp, config, casted(state), variant)
-                else:
-                    write_modelscope_vae(tmp, config, casted(state))
-            elif step == "text_encoder":
-                config, state = read_text_encoder(folder, layout, variant)
-                if to == "diffusers":
-                    write_diffusers_text_encoder(tmp, config, casted(state), variant)
-                else:
-                    write_modelscope_text_encoder(tmp, config, casted(state))
+                    write_modelscope(tmp, config, casted(state))
             else:
                 if to == "diffusers":
                     write_tokenizer(tmp, read_tokenizer(folder, layout))
