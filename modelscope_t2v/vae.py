@@ -368,8 +368,11 @@ class AutoencoderKL(nn.Module):
                           self.tile_size // self.config.downsample_factor, step)
         return self._moments_untiled(x)
 
+    # Channels-last: oneDNN's CPU convolutions run NHWC without reordering each input and output
+    # (measured: decode 0.86x of diffusers' time with it, 1.29x without; docs/benchmarks.md).
     def _moments_untiled(self, x: Tensor) -> Tensor:
-        return self.moments_proj(self.encoder(x))  # n (2 z) h/f w/f
+        x = x.contiguous(memory_format=torch.channels_last)  # n c h w, NHWC strides
+        return self.moments_proj(self.encoder(x)).contiguous()  # n (2 z) h/f w/f
 
     def _images(self, z: Tensor) -> Tensor:
         if self.tile_size is not None and max(z.shape[-2:]) > self.tile_size // self.config.downsample_factor:
@@ -379,7 +382,8 @@ class AutoencoderKL(nn.Module):
         return self._images_untiled(z)
 
     def _images_untiled(self, z: Tensor) -> Tensor:
-        return self.decoder(self.latent_proj(z))  # n c hf wf
+        z = z.contiguous(memory_format=torch.channels_last)  # n z h w, NHWC strides
+        return self.decoder(self.latent_proj(z)).contiguous()  # n c hf wf
 
 
 def _tiled(fn, x: Tensor, tile_in: int, step_in: int, tile_out: int, keep: int) -> Tensor:
