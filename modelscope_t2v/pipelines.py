@@ -257,15 +257,16 @@ class TextToVideoSDPipeline:
             finally:
                 module.to("cpu")
         elif self._offload == "sequential":
-            handles = [
-                m.register_forward_pre_hook(lambda m, a: m.to(self._offload_device))
-                for m in module.modules()
-                if next(m.children(), None) is None and any(True for _ in m.parameters(recurse=False))
-            ] + [
-                m.register_forward_hook(lambda m, a, o: m.to("cpu"))
-                for m in module.modules()
-                if next(m.children(), None) is None and any(True for _ in m.parameters(recurse=False))
-            ]
+            leaves = [m for m in module.modules()
+                      if next(m.children(), None) is None and next(m.parameters(recurse=False), None) is not None]
+            def onto_device(m, args):  # a hook's return value would replace the inputs: return None
+                m.to(self._offload_device)
+
+            def back_to_cpu(m, args, output):
+                m.to("cpu")
+
+            handles = [m.register_forward_pre_hook(onto_device) for m in leaves]
+            handles += [m.register_forward_hook(back_to_cpu) for m in leaves]
             try:
                 yield
             finally:
@@ -439,29 +440,6 @@ class TextToVideoSDPipeline:
         noisy = self.scheduler.add_noise(z, noise, t)
         return rearrange(noisy, "(b f) c h w -> b c f h w", b=b).repeat(total // b, 1, 1, 1, 1)
 
-    def _video_to_video(self, prompt, pixels, strength, num_inference_steps, guidance_scale, negative_prompt, eta,
-                        generator, latents, prompt_embeds, negative_prompt_embeds, output_type, return_dict, callback,
-                        callback_steps, cross_attention_kwargs, clip_skip, num_videos_per_prompt, callback_on_step_end,
-                        callback_on_step_end_tensor_inputs, decode_chunk_size, total):
-        context = self._text_conditioning(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds,
-                                          guidance_scale, num_videos_per_prompt, clip_skip)
-        device, dtype = self._execution_device, context.dtype
-        self.scheduler.set_timesteps(num_inference_steps, device=device)
-        kept = min(int(num_inference_steps * strength), num_inference_steps)  # as diffusers' get_timesteps
-        order = getattr(self.scheduler, "order", 1)
-        timesteps = self.scheduler.timesteps[(num_inference_steps - kept) * order :]
-        if latents is None:
-            latents = self._noised_video_latents(pixels, timesteps, total, dtype, device, generator)
-        latents = latents.to(device, dtype)
-        if len(timesteps):
-            latents = self._denoise(
-                latents, timesteps, context, guidance_scale, eta=eta, generator=generator,
-                callback=callback, callback_steps=callback_steps, callback_on_step_end=callback_on_step_end,
-                callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
-                cross_attention_kwargs=cross_attention_kwargs,
-            )
-        return self._finish(latents, output_type, return_dict, decode_chunk_size)
-
     # -- generation -------------------------------------------------------------------------------------
 
     def _check_common(self, prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, num_inference_steps,
@@ -627,18 +605,6 @@ class TextToVideoSDPipeline:
                 decode_chunk_size=decode_chunk_size,
             )
         guidance_scale = 9.0 if guidance_scale is None else guidance_scale
-        with self._cpu_precision():
-            return self._text_to_video(
-                prompt, height, width, num_frames, num_inference_steps, guidance_scale, negative_prompt, eta,
-                generator, latents, prompt_embeds, negative_prompt_embeds, output_type, return_dict, callback,
-                callback_steps, cross_attention_kwargs, clip_skip, num_videos_per_prompt, callback_on_step_end,
-                callback_on_step_end_tensor_inputs, decode_chunk_size,
-            )
-
-    def _text_to_video(self, prompt, height, width, num_frames, num_inference_steps, guidance_scale, negative_prompt,
-                       eta, generator, latents, prompt_embeds, negative_prompt_embeds, output_type, return_dict,
-                       callback, callback_steps, cross_attention_kwargs, clip_skip, num_videos_per_prompt,
-                       callback_on_step_end, callback_on_step_end_tensor_inputs, decode_chunk_size):
         factor = self.vae_scale_factor
         height = height or self.unet.config.sample_size * factor
         width = width or self.unet.config.sample_size * factor
@@ -656,20 +622,21 @@ class TextToVideoSDPipeline:
         if bad:
             raise ValueError(f"callback_on_step_end_tensor_inputs: unknown names {sorted(bad)}")
 
-        context = self._text_conditioning(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds,
-                                          guidance_scale, num_videos_per_prompt, clip_skip)
-        device = self._execution_device
-        self.scheduler.set_timesteps(num_inference_steps, device=device)
-        if latents is None:
-            latents = randn_tensor(shape, generator, device, context.dtype)
-        latents = latents.to(device, context.dtype) * self.scheduler.init_noise_sigma
-        latents = self._denoise(
-            latents, self.scheduler.timesteps, context, guidance_scale, eta=eta, generator=generator,
-            callback=callback, callback_steps=callback_steps, callback_on_step_end=callback_on_step_end,
-            callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
-            cross_attention_kwargs=cross_attention_kwargs,
-        )
-        return self._finish(latents, output_type, return_dict, decode_chunk_size)
+        with self._cpu_precision():  # half weights on a CPU: float32 for this call
+            context = self._text_conditioning(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds,
+                                              guidance_scale, num_videos_per_prompt, clip_skip)
+            device = self._execution_device
+            self.scheduler.set_timesteps(num_inference_steps, device=device)
+            if latents is None:
+                latents = randn_tensor(shape, generator, device, context.dtype)
+            latents = latents.to(device, context.dtype) * self.scheduler.init_noise_sigma
+            latents = self._denoise(
+                latents, self.scheduler.timesteps, context, guidance_scale, eta=eta, generator=generator,
+                callback=callback, callback_steps=callback_steps, callback_on_step_end=callback_on_step_end,
+                callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
+                cross_attention_kwargs=cross_attention_kwargs,
+            )
+            return self._finish(latents, output_type, return_dict, decode_chunk_size)
 
 
 class VideoToVideoSDPipeline(TextToVideoSDPipeline):
@@ -717,13 +684,25 @@ class VideoToVideoSDPipeline(TextToVideoSDPipeline):
         if pixels is not None and pixels.shape[0] not in (1, total):
             raise ValueError(f"video has batch size {pixels.shape[0]}, but {total} videos are requested")
 
-        with self._cpu_precision():
-            return self._video_to_video(
-                prompt, pixels, strength, num_inference_steps, guidance_scale, negative_prompt, eta, generator,
-                latents, prompt_embeds, negative_prompt_embeds, output_type, return_dict, callback, callback_steps,
-                cross_attention_kwargs, clip_skip, num_videos_per_prompt, callback_on_step_end,
-                callback_on_step_end_tensor_inputs, decode_chunk_size, total,
-            )
+        with self._cpu_precision():  # half weights on a CPU: float32 for this call
+            context = self._text_conditioning(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds,
+                                              guidance_scale, num_videos_per_prompt, clip_skip)
+            device, dtype = self._execution_device, context.dtype
+            self.scheduler.set_timesteps(num_inference_steps, device=device)
+            kept = min(int(num_inference_steps * strength), num_inference_steps)  # as diffusers' get_timesteps
+            order = getattr(self.scheduler, "order", 1)
+            timesteps = self.scheduler.timesteps[(num_inference_steps - kept) * order :]
+            if latents is None:
+                latents = self._noised_video_latents(pixels, timesteps, total, dtype, device, generator)
+            latents = latents.to(device, dtype)
+            if len(timesteps):
+                latents = self._denoise(
+                    latents, timesteps, context, guidance_scale, eta=eta, generator=generator,
+                    callback=callback, callback_steps=callback_steps, callback_on_step_end=callback_on_step_end,
+                    callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
+                    cross_attention_kwargs=cross_attention_kwargs,
+                )
+            return self._finish(latents, output_type, return_dict, decode_chunk_size)
 
 
 class DiffusionPipeline:

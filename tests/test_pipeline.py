@@ -354,3 +354,17 @@ def test_prompts_are_tokenized_as_the_model_was_trained(pipes):
     finally:
         ours.tokenization = "open_clip"
     assert float((c - b).abs().max()) <= 1e-5
+
+
+@pytest.mark.parametrize("mode", ["model", "sequential"])
+def test_offload_machinery_runs_and_leaves_output_unchanged(folder, mode):
+    """No accelerator here, so the offload target is the CPU itself: this exercises the placement
+    context and the per-leaf hooks (they must be removed afterwards), not the memory saving."""
+    pipe = TextToVideoSDPipeline.from_pretrained(folder)
+    pipe.set_progress_bar_config(disable=True)
+    base = pipe("a cat", generator=_gen(0), **KW).frames
+    getattr(pipe, f"enable_{mode}_cpu_offload")(device="cpu")
+    out = pipe("a cat", generator=_gen(0), **KW).frames
+    assert float(np.abs(out - base).max()) <= 1e-6
+    hooks = sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m in pipe.unet.modules())
+    assert hooks == 0 and pipe.device.type == "cpu"
