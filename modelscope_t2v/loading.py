@@ -35,8 +35,7 @@ from .text import (
     clip_text_to_open_clip,
     diffusers_text_ignored,
     diffusers_text_table,
-    open_clip_ignored,
-    open_clip_text_table,
+    open_clip_to_clip_text,
     save_tokenizer,
     text_config_from_open_clip,
     text_config_to_diffusers,
@@ -255,25 +254,21 @@ def read_vae(folder: Path, layout: str, variant: str | None = None) -> tuple[VAE
 
 def read_text_encoder(folder: Path, layout: str, variant: str | None = None):
     """Returns (transformers CLIPTextConfig, state in CLIPTextModel keys)."""
-    if layout == "diffusers":
-        config = _as_text_config(_read_json(folder / "text_encoder" / "config.json"))
-        path = _diffusers_weights(folder, "text_encoder", variant)
-        state = read_tensors(path)
-        if not any(k.startswith("text_model.") for k in state):  # written by transformers 5's save_pretrained
-            state = {"text_model." + k: v for k, v in state.items()}
-        table = diffusers_text_table(config)  # released keys carry `text_model.`
-        ignore = diffusers_text_ignored
-    else:
+    if layout == "modelscope":
         args, _ = _ms_config(folder)
         path = folder / args.get("ckpt_clip", MS_CLIP)
         state = read_tensors(path)
         config = text_config_from_open_clip(state)
-        layers_in_file = 1 + max(int(k.split(".")[2]) for k in state if k.startswith("transformer.resblocks."))
-        table = open_clip_text_table(config, layers_in_file)
-        ignore = lambda k: open_clip_ignored(k, config)  # noqa: E731
+        return config, open_clip_to_clip_text(state, config, what=str(path))
+    config = _as_text_config(_read_json(folder / "text_encoder" / "config.json"))
+    path = _diffusers_weights(folder, "text_encoder", variant)
+    state = read_tensors(path)
+    if not any(k.startswith("text_model.") for k in state):  # written by transformers 5's save_pretrained
+        state = {"text_model." + k: v for k, v in state.items()}
     with torch.device("meta"):
         shapes = shapes_of(build_text_encoder(config))
-    return config, apply_table(state, table, shapes, what=str(path), ignore=ignore)
+    # released keys carry `text_model.`; this transformers version's CLIPTextModel may not
+    return config, apply_table(state, diffusers_text_table(config), shapes, what=str(path), ignore=diffusers_text_ignored)
 
 
 def _as_text_config(raw: dict):

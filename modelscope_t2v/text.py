@@ -442,13 +442,15 @@ def _open_clip_text_shapes(config: CLIPTextConfig) -> dict[str, tuple[int, ...]]
     return shapes
 
 
-def open_clip_to_clip_text(state: Mapping[str, torch.Tensor], config: CLIPTextConfig) -> dict[str, torch.Tensor]:
-    """An open_clip state dict (whole model or text tower) as CLIPTextModel's state dict, strictly."""
+def open_clip_to_clip_text(
+    state: Mapping[str, torch.Tensor], config: CLIPTextConfig, *, what: str = "open_clip -> CLIPTextModel"
+) -> dict[str, torch.Tensor]:
+    """An open_clip state dict (whole model or text tower) as CLIPTextModel's state dict, strictly;
+    `what` names the source in errors (e.g. the file)."""
     table = open_clip_text_table(config, len(_resblock_indices(state)))
     with torch.device("meta"):
         shapes = {k: v.shape for k, v in build_text_encoder(config).state_dict().items()}
-    return apply_table(state, table, shapes, what="open_clip -> CLIPTextModel",
-                       ignore=lambda k: open_clip_ignored(k, config))  # fmt: skip
+    return apply_table(state, table, shapes, what=what, ignore=lambda k: open_clip_ignored(k, config))
 
 
 def clip_text_to_open_clip(state: Mapping[str, torch.Tensor], config: CLIPTextConfig) -> dict[str, torch.Tensor]:

@@ -23,7 +23,8 @@ from modelscope_t2v.unet import (
     unet_diffusers_table,
     unet_original_table,
 )
-from refs import max_diff, modelscope_reference, perturb_
+from checkpoints import original_unet
+from refs import max_diff, perturb_
 
 TOL = 1e-4
 TINY = UNET_PRESETS["tiny"]
@@ -68,16 +69,6 @@ def _diffusers_pair(c: UNetConfig, seed: int = 0):
     return ref, ours
 
 
-def _original_unet(c: UNetConfig):
-    m = unet_config_to_original(c)
-    return modelscope_reference("unet_sd").UNetSD(
-        in_dim=m["unet_in_dim"], dim=m["unet_dim"], y_dim=m["unet_y_dim"], context_dim=m["unet_context_dim"],
-        out_dim=m["unet_out_dim"], dim_mult=m["unet_dim_mult"], num_heads=m["unet_num_heads"],
-        head_dim=m["unet_head_dim"], num_res_blocks=m["unet_res_blocks"], attn_scales=m["unet_attn_scales"],
-        dropout=m["unet_dropout"], temporal_attention=m["temporal_attention"] == "True",
-    )
-
-
 @pytest.fixture(scope="module")
 def diffusers_pair():
     return _diffusers_pair(TINY)
@@ -85,7 +76,7 @@ def diffusers_pair():
 
 @pytest.fixture(scope="module")
 def original_pair():
-    ref = perturb_(_original_unet(TINY_ORIGINAL), 1).eval()
+    ref = perturb_(original_unet(TINY_ORIGINAL), 1).eval()
     with torch.device("meta"):
         target = shapes_of(UNet3D(TINY_ORIGINAL))
     ours = UNet3D(TINY_ORIGINAL).eval()
@@ -183,7 +174,7 @@ def test_released_configs_give_the_preset():
     written = unet_config_to_original(UNET_PRESETS["ms-1.7b"])
     assert written == {k: RELEASED_ORIGINAL[k] for k in written}
     with torch.device("meta"):
-        state = _original_unet(UNET_PRESETS["ms-1.7b"]).state_dict()
+        state = original_unet(UNET_PRESETS["ms-1.7b"]).state_dict()
     assert unet_config_from_original(RELEASED_ORIGINAL, state) == UNET_PRESETS["ms-1.7b"]
 
 
@@ -324,6 +315,6 @@ def test_full_size_tables_cover_both_layouts():
     with torch.device("meta"):
         ours = shapes_of(UNet3D(c))
         diffusers = UNet3DConditionModel.from_config(unet_config_to_diffusers(c)).state_dict()
-        original = _original_unet(c).state_dict()
+        original = original_unet(c).state_dict()
     assert apply_table(diffusers, unet_diffusers_table(c), ours).keys() == ours.keys()
     assert apply_table(original, unet_original_table(c), ours).keys() == ours.keys()
