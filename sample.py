@@ -1,13 +1,14 @@
 """Generate a video from a text prompt (Hydra entry point; the work is done by `generate(cfg)`).
 
-    python sample.py prompt="an astronaut riding a horse"                 # tiny random model, mp4
+    python sample.py prompt="a red circle moving left" seed=0 out=x.mp4   # the bundled shapes model
     python sample.py prompt="..." model=damo-vilab/text-to-video-ms-1.7b sampler=dpm++2m steps=25
     python sample.py prompt="..." model=./my-checkpoint num_frames=24 width=576 height=320 out=clip.gif
     python sample.py prompt="..." model=cerspense/zeroscope_v2_576w \\
         upscale.model=cerspense/zeroscope_v2_XL upscale.strength=0.6      # zeroscope's upscaling recipe
     python sample.py --help                                               # every option with its default
 
-`model` is a size preset (tiny, ms-1.7b, zeroscope-576w, zeroscope-xl: RANDOMLY INITIALISED weights of
+`model` is a bundled model ("shapes", the default: the project's own model of the shapes world, no
+download), a size preset (tiny, ms-1.7b, zeroscope-576w, zeroscope-xl: RANDOMLY INITIALISED weights of
 that size, for tests and for training from scratch; the output is noise), a local folder in either
 released layout (diffusers or original ModelScope), or a hub id. The path of the written video is the
 last line of stdout; logs and the progress bar go to stderr.
@@ -32,11 +33,14 @@ from typing import Any, Optional
 import torch
 from omegaconf import MISSING, DictConfig, OmegaConf
 
+from modelscope_t2v import schedulers
+from modelscope_t2v.bundled import bundled_models
+
 log = logging.getLogger("sample")
 
-# The model `python sample.py` uses when none is named. A random-weight preset until the project
-# ships a trained default checkpoint; change it here (and only here).
-DEFAULT_MODEL = "tiny"
+# The model `python sample.py` uses when none is named: the project's own shapes model, bundled in the
+# package (modelscope_t2v/weights/shapes; docs/shapes_model.md). Change it here (and only here).
+DEFAULT_MODEL = "shapes"
 
 # ---------------------------------------------------------------------------------------------------
 # Config: typed dataclasses, registered with Hydra's ConfigStore by the entry point below, so a
@@ -59,7 +63,7 @@ class UpscaleConfig:
 class SampleConfig:
     prompt: str = MISSING  # required
     negative_prompt: Optional[str] = None  # null: the empty prompt is the unconditional branch (as released)
-    model: str = DEFAULT_MODEL  # preset (random weights!), local folder (either layout) or hub id
+    model: str = DEFAULT_MODEL  # bundled model, preset (random weights!), local folder (either layout) or hub id
     sampler: str = "ddim"  # ddim | dpm++2m | dpm++2m-sde | dpm++3m (spaces, case and '_' are ignored)
     steps: int = 50  # number of denoising steps
     guidance: float = 9.0  # classifier-free guidance scale (<= 1 switches guidance off)
@@ -85,24 +89,9 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 SPACINGS = ("leading", "linspace", "trailing")
 OUT_SUFFIXES = (".mp4", ".gif")
 
-# sampler -> (scheduler class name, config overrides applied through `from_config`)
-SAMPLERS: dict[str, tuple[str, dict[str, Any]]] = {
-    "ddim": ("DDIMScheduler", {}),
-    "dpm++2m": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2}),
-    "dpm++2m-sde": ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++", "solver_order": 2}),
-    "dpm++3m": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 3}),
-}
-SAMPLER_ALIASES = {"dpm++sde": "dpm++2m-sde", "dpm++2msde": "dpm++2m-sde", "dpmpp2m": "dpm++2m",
-                   "dpmpp2m-sde": "dpm++2m-sde", "dpmpp3m": "dpm++3m", "dpm++": "dpm++2m"}
-
-
-def sampler_name(name: str) -> str:
-    """The canonical sampler name ('DPM++ 2M' -> 'dpm++2m'); ValueError naming `sampler` if unknown."""
-    key = re.sub(r"\s+", "", str(name)).lower().replace("_", "-")
-    key = SAMPLER_ALIASES.get(key, SAMPLER_ALIASES.get(key.replace("-", ""), key))
-    if key not in SAMPLERS:
-        raise ValueError(f"sampler={name!r} is not known; choose one of {sorted(SAMPLERS)}")
-    return key
+# sampler names: modelscope_t2v.schedulers.SAMPLERS (ddim, dpm++2m, dpm++2m-sde, dpm++3m, with aliases)
+SAMPLERS = schedulers.SAMPLERS
+sampler_name = schedulers.sampler_name
 
 
 def presets() -> list[str]:
@@ -137,11 +126,12 @@ def _finite(name: str, v: Any, low: float | None = None, high: float | None = No
 def _model_ref(name: str, v: Any) -> None:
     if not isinstance(v, str) or not v.strip():
         raise ValueError(f"{name} must be a preset name, a folder or a hub id, got {v!r}")
-    if v in presets() or Path(v).expanduser().is_dir():
+    if v in presets() or v in bundled_models() or Path(v).expanduser().is_dir():
         return
     if re.fullmatch(r"[\w.-]+/[\w.-]+", v) and not v.startswith((".", "/", "~")):
         return  # a hub id (org/name); whether it exists is for the loader (and the cache / network) to say
-    raise ValueError(f"{name}={v!r} is neither a preset {presets()}, an existing folder, nor a hub id (org/name)")
+    raise ValueError(f"{name}={v!r} is neither a bundled model {bundled_models()}, a preset {presets()}, "
+                     "an existing folder, nor a hub id (org/name)")
 
 
 def resolve_device(device: str) -> torch.device:
@@ -234,14 +224,8 @@ def load_pipeline(model: str, cls, torch_dtype: torch.dtype):
 
 
 def set_sampler(pipe, sampler: str, spacing: str | None) -> None:
-    """Replace pipe.scheduler by `sampler` built from the checkpoint's scheduler config (diffusers'
-    `OtherScheduler.from_config(pipe.scheduler.config, **overrides)` idiom)."""
-    from modelscope_t2v import schedulers
-
-    class_name, overrides = SAMPLERS[sampler_name(sampler)]
-    if spacing is not None:
-        overrides = {**overrides, "timestep_spacing": spacing}
-    pipe.scheduler = schedulers.SCHEDULERS[class_name].from_config(pipe.scheduler.config, **overrides)
+    """Replace pipe.scheduler by `sampler` built from the checkpoint's scheduler config."""
+    pipe.scheduler = schedulers.make_sampler(sampler, pipe.scheduler.config, spacing)
 
 
 def resize_frames(frames, width: int, height: int):

@@ -27,6 +27,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from .bundled import bundled_path
 from .convert import apply_table, invert, shapes_of
 from .safe_pickle import CheckpointReadError, safe_torch_load
 from .text import (
@@ -123,11 +124,15 @@ def _pick_weights(files: list[str], stem: str, variant: str | None) -> str | Non
 
 
 def resolve(path_or_repo_id: str | os.PathLike, *, revision: str | None = None, variant: str | None = None) -> Path:
-    """A local folder as is; otherwise a hub id, downloaded (only the files of the chosen variant and
+    """A local folder as is; a bundled model's name (`bundled.BUNDLED`) gives its folder in the package;
+    otherwise a hub id, downloaded (only the files of the chosen variant and
     format) or, with HF_HUB_OFFLINE=1, found in the Hugging Face cache (HF_HUB_CACHE / HF_HOME)."""
     local = Path(path_or_repo_id).expanduser()
     if local.is_dir():
         return local
+    bundled = bundled_path(str(path_or_repo_id))
+    if bundled is not None:
+        return bundled
     repo_id = str(path_or_repo_id)
     if repo_id.count("/") != 1 or local.exists():
         raise LayoutError(f"{repo_id!r} is neither a folder nor a hub id of the form 'org/name'")

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
@@ -624,3 +625,38 @@ def scheduler_from_config(config: Mapping[str, Any], **overrides: Any) -> _Sched
     if name not in SCHEDULERS:
         raise ValueError(f"`_class_name` must be one of {sorted(SCHEDULERS)}, got {name!r} (unsupported scheduler)")
     return SCHEDULERS[name].from_config(config, **overrides)
+
+
+# ----------------------------------------------------------------------------------------------
+# Sampler names (sample.py, evaluate.py, the notebooks): name -> (scheduler class, config overrides
+# applied through `from_config`, i.e. diffusers' `OtherScheduler.from_config(pipe.scheduler.config)`).
+
+SAMPLERS: Mapping[str, tuple[str, Mapping[str, Any]]] = MappingProxyType({
+    "ddim": ("DDIMScheduler", {}),
+    "dpm++2m": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2}),
+    "dpm++2m-sde": ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++", "solver_order": 2}),
+    "dpm++3m": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 3}),
+})
+SAMPLER_ALIASES: Mapping[str, str] = MappingProxyType({
+    "dpm++sde": "dpm++2m-sde", "dpm++2msde": "dpm++2m-sde", "dpmpp2m": "dpm++2m", "dpmpp2m-sde": "dpm++2m-sde",
+    "dpmpp3m": "dpm++3m", "dpm++": "dpm++2m",
+})
+
+
+def sampler_name(name: str) -> str:
+    """The canonical sampler name ('DPM++ 2M' -> 'dpm++2m'); ValueError naming `sampler` if unknown."""
+    key = re.sub(r"\s+", "", str(name)).lower().replace("_", "-")
+    key = SAMPLER_ALIASES.get(key, SAMPLER_ALIASES.get(key.replace("-", ""), key))
+    if key not in SAMPLERS:
+        raise ValueError(f"sampler={name!r} is not known; choose one of {sorted(SAMPLERS)}")
+    return key
+
+
+def make_sampler(name: str, config: Mapping[str, Any], spacing: str | None = None) -> _Scheduler:
+    """The scheduler of sampler `name` built from a checkpoint's scheduler `config` (its betas, offset and
+    prediction type kept); `spacing` (leading | linspace | trailing) overrides the timestep spacing."""
+    class_name, overrides = SAMPLERS[sampler_name(name)]
+    overrides = dict(overrides)
+    if spacing is not None:
+        overrides["timestep_spacing"] = spacing
+    return SCHEDULERS[class_name].from_config(config, **overrides)

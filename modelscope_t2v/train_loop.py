@@ -54,7 +54,7 @@ from .ema import EMA, full_tensor
 from .pipelines import TextToVideoSDPipeline
 from .samplers import add_noise, cfg_model_fn, velocity
 from .schedulers import DDIMScheduler
-from .unet import UNET_PRESETS, UNet3D, UNetConfig
+from .unet import UNET_PRESETS, UNet3D, UNetConfig, unet_config_to_diffusers
 from .vae import VAE_PRESETS, AutoencoderKL, DiagonalGaussian, VAEConfig
 
 log = logging.getLogger("modelscope_t2v.train")
@@ -74,6 +74,10 @@ class ModelConfig:
     # (random init only; a checkpoint's sizes are the checkpoint's)
     unet: Dict[str, Any] = field(default_factory=dict)
     vae: Dict[str, Any] = field(default_factory=dict)
+    # take the autoencoder (weights, config, scaling_factor) from this checkpoint instead of a random
+    # one: the second stage of training from scratch (trainer=vae first, then the UNet on its latents).
+    # Fields given in `vae` must then agree with the loaded config (a check, not an override).
+    vae_from: Optional[str] = None
 
 
 @dataclass
@@ -121,6 +125,10 @@ class TrainerConfig:
     # i.e. the LDM autoencoder loss without the perceptual and adversarial terms, divided by pixel count
     vae_kl_weight: float = 1e-6
     vae_recon_loss: str = "l1"  # "l1" | "mse"
+    # target vae: each checkpoint's scaling_factor = 1 / std of the latents (posterior means, EMA weights)
+    # of the fixed validation batches, so diffusion latents have unit variance (LDM's recipe); false
+    # keeps the configured one
+    vae_fit_scaling_factor: bool = True
     # caches (in memory, LRU, entries): text embeddings by caption; autoencoder posteriors by pixel hash
     # (computed one sample at a time, so a resumed run computes the same numbers)
     text_cache_size: int = 0
@@ -211,6 +219,9 @@ def check_config(cfg: TrainConfig) -> None:
             "epsilon objective cannot give x_0 (Lin et al. 2023)"
         )
     is_preset = cfg.model.name_or_path in UNET_PRESETS
+    if cfg.model.vae_from is not None and cfg.trainer.target == "vae" and not is_preset:
+        raise ConfigError("model.vae_from with trainer.target=vae: start from the checkpoint itself "
+                          "(model.name_or_path) instead")
     if not is_preset and (cfg.model.unet or cfg.model.vae):
         raise ConfigError(
             f"model.unet / model.vae overrides apply to presets {sorted(UNET_PRESETS)} only, "
@@ -224,6 +235,13 @@ def check_config(cfg: TrainConfig) -> None:
         known = {f.name for f in dataclasses.fields(UNetConfig if key == "model.unet" else VAEConfig)}
         if set(value) - known:
             raise ConfigError(f"{key} has unknown field(s) {sorted(set(value) - known)}; known: {sorted(known)}")
+    if is_preset and cfg.model.unet:
+        # checkpoints are written in the diffusers layout: a UNet it cannot hold fails now, not at the first save
+        try:
+            unet_config_to_diffusers(UNetConfig.from_dict({**dataclasses.asdict(UNET_PRESETS[cfg.model.name_or_path]),
+                                                           **cfg.model.unet}))
+        except (ValueError, TypeError) as e:
+            raise ConfigError(f"model.unet: {e}") from e
 
 
 def _unknown_fields(obj: Any, prefix: str = "") -> list[str]:
@@ -327,22 +345,45 @@ def build_pipeline(mc: ModelConfig, seed: int) -> TextToVideoSDPipeline:
     """The starting pipeline: a preset's random init (seeded; `unet` / `vae` overrides applied) or a
     checkpoint, float32."""
     if mc.name_or_path not in UNET_PRESETS:
-        return TextToVideoSDPipeline.from_pretrained(mc.name_or_path)
+        pipe = TextToVideoSDPipeline.from_pretrained(mc.name_or_path)
+        if mc.vae_from is not None:
+            pipe.vae = _read_vae(mc.vae_from, {})
+        return pipe
     pipe = TextToVideoSDPipeline.from_preset(mc.name_or_path, seed=seed)
     if mc.unet:
         torch.manual_seed(seed + 1)
         base = dataclasses.asdict(UNET_PRESETS[mc.name_or_path])
         pipe.unet = UNet3D(UNetConfig.from_dict({**base, **mc.unet})).eval()
-    if mc.vae:
+    if mc.vae_from is not None:
+        pipe.vae = _read_vae(mc.vae_from, mc.vae)
+    elif mc.vae:
         torch.manual_seed(seed + 2)
         base = dataclasses.asdict(VAE_PRESETS["tiny" if mc.name_or_path == "tiny" else "ms-1.7b"])
         pipe.vae = AutoencoderKL(VAEConfig(**{**base, **mc.vae})).eval()
+    if pipe.unet.config.in_channels != pipe.vae.config.latent_channels:
+        raise ValueError(
+            f"model.unet.in_channels={pipe.unet.config.in_channels} must equal the autoencoder's "
+            f"latent_channels={pipe.vae.config.latent_channels} (set model.unet.in_channels/out_channels)"
+        )
     if pipe.unet.config.cross_attention_dim != pipe.text_encoder.config.hidden_size:
         raise ValueError(
             f"model.unet.cross_attention_dim={pipe.unet.config.cross_attention_dim} must equal the text "
             f"encoder width {pipe.text_encoder.config.hidden_size}"
         )
     return pipe
+
+
+def _read_vae(path: str, expected: dict) -> AutoencoderKL:
+    """The autoencoder of a pipeline folder (either layout) or hub id, float32, eval mode; its config must
+    agree with the `expected` fields."""
+    folder = loading.resolve(path)
+    config, state = loading.read_vae(folder, loading.detect_layout(folder))
+    wanted = dataclasses.asdict(VAEConfig(**{**dataclasses.asdict(config), **expected}))
+    diff = {k: (getattr(config, k), wanted[k]) for k in expected if getattr(config, k) != wanted[k]}
+    if diff:
+        raise ValueError(f"model.vae_from={path!r}: its autoencoder differs from model.vae in "
+                         + ", ".join(f"{k} (checkpoint {a!r}, model.vae {b!r})" for k, (a, b) in diff.items()))
+    return loading.instantiate(AutoencoderKL, config, state, torch.float32).eval()
 
 
 def training_scheduler(pipe: TextToVideoSDPipeline, t: TrainerConfig) -> DDIMScheduler:
@@ -803,6 +844,9 @@ class _Run:
                 return m
 
             shown = module_from({**raw, **ema} if ema is not None else raw)
+            if t.target == "vae" and t.vae_fit_scaling_factor:
+                config = dataclasses.replace(config, scaling_factor=self._fit_scaling_factor(shown))
+                shown.config = config
             trainer_state = {
                 "step": self.step, "counters": self.counters, "ema": ema is not None,
                 "world_size": self.d.world_size, "target": t.target, "config": config_to_dict(self.cfg),
@@ -849,6 +893,18 @@ class _Run:
         self.d.barrier()
         self.last_saved = _broadcast(path, self.d)
         return self.last_saved
+
+    @torch.no_grad()
+    def _fit_scaling_factor(self, vae: AutoencoderKL) -> float:
+        """1 / std of the latents (posterior means) of the fixed validation batches."""
+        batches = self._eval_data()
+        if not batches:
+            return vae.config.scaling_factor
+        device = next(vae.parameters()).device
+        z = torch.cat([vae.encode(b["pixels"].to(device)).mode().float().flatten() for b in batches])
+        factor = float(1.0 / z.std())
+        log.info("autoencoder scaling_factor = 1 / std(latents) = %.5f", factor)
+        return factor
 
     # -- validation -----------------------------------------------------------------------------------
 

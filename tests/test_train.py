@@ -432,3 +432,35 @@ def test_autoencoder_alone_trains_and_loads(tmp_path):
     raw = TextToVideoSDPipeline.from_pretrained(last / "raw")
     assert any(not torch.equal(a, b) for a, b in zip(pipe.vae.parameters(), raw.vae.parameters()))
     assert (run / "validation" / "step-00000030" / "00.mp4").is_file()  # input | reconstruction
+
+
+def test_two_stage_training_from_scratch_autoencoder_then_unet(tmp_path):
+    """trainer=vae fits the latent scaling factor; model.vae_from then trains a UNet on that autoencoder."""
+    stage1 = tmp_path / "vae"
+    train(compose_cfg(BASE + ["trainer=vae", "trainer.max_steps=4", "trainer.batch_size=2", "trainer.warmup_steps=0",
+                              "trainer.checkpoint_every=0", "trainer.precision=fp32", "trainer.progress_bar=false",
+                              "trainer.validation.loss_batches=2", f"run_dir={stage1}"]))
+    vae_pipe = TextToVideoSDPipeline.from_pretrained(stage1 / "checkpoints" / "last")
+    factor = vae_pipe.vae.config.scaling_factor
+    assert factor != 0.18215
+    x = torch.stack([data_lib.render_shape_clip("red", "circle", "left", num_frames=4, size=16, seed=s) for s in range(4)])
+    with torch.no_grad():
+        z = vae_pipe.vae.encode(x).mode() * factor
+    assert 0.5 < float(z.std()) < 2.0  # unit-variance diffusion latents, as LDM's fitted factor gives
+
+    stage2 = tmp_path / "unet"
+    last = stage1 / "checkpoints" / "last"
+    train(compose_cfg(BASE + ["trainer.max_steps=2", f"model.vae_from={last}", f"run_dir={stage2}"]))
+    pipe = TextToVideoSDPipeline.from_pretrained(stage2 / "checkpoints" / "last")
+    assert pipe.vae.config.scaling_factor == factor
+    assert all(torch.equal(a, b) for a, b in zip(pipe.vae.state_dict().values(), vae_pipe.vae.state_dict().values()))
+
+    # model.vae fields are a check against the loaded autoencoder, not an override
+    with pytest.raises(ValueError, match=r"model.vae_from=.*latent_channels \(checkpoint 4, model.vae 8\)"):
+        train(compose_cfg(BASE + ["trainer.max_steps=1", f"model.vae_from={last}", "+model.vae.latent_channels=8",
+                                  f"run_dir={tmp_path / 'bad'}"]))
+
+
+def test_a_unet_the_diffusers_layout_cannot_hold_is_refused_before_training(tmp_path):
+    with pytest.raises(ConfigError, match="temporal_in_heads=2, but diffusers hard-codes 8"):
+        train(compose_cfg(BASE + ["+model.unet.temporal_in_heads=2", f"run_dir={tmp_path}"]))

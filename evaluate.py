@@ -1,0 +1,153 @@
+"""Measure a shapes text-to-video model: generate videos for prompt/seed pairs of the shapes grammar, read
+them back (colour, shape from the bounding-box fill, direction from the centroid drift:
+modelscope_t2v/shapes_eval.py) and report accuracy per attribute for each sampler setting, plus each
+setting's error against a many-step reference from the same noise.
+
+    python evaluate.py                                   # the bundled model, the settings of docs/shapes_model.md
+    python evaluate.py --model runs/shapes-unet/checkpoints/last --pairs 84 --settings ddim:50 dpm++2m:25
+    python evaluate.py --settings ddim:50 --reference none --out results.json --videos eval_videos/
+
+A setting is SAMPLER:STEPS (samplers as in sample.py: ddim, dpm++2m, dpm++2m-sde, dpm++3m). Pair i is
+(prompt, seed) with the grammar's 84 prompts in a fixed shuffled order and seed i, so a video is exactly
+what `python sample.py prompt=<prompt> seed=<seed> sampler=... steps=...` writes. The error is the mean
+absolute difference of the frames (in [0, 1]) from the reference setting's frames of the same pair, over
+the first --reference-pairs pairs. Prints a Markdown table; --out writes everything as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from modelscope_t2v import schedulers
+from modelscope_t2v import shapes_eval as se
+
+DEFAULT_SETTINGS = ["ddim:50", "dpm++2m:10", "dpm++2m:25"]
+
+
+def parse_setting(text: str) -> tuple[str, int]:
+    """'dpm++2m:25' -> ('dpm++2m', 25); argparse-friendly errors name the setting."""
+    name, sep, steps = text.rpartition(":")
+    if not sep or not steps.isdigit() or not 1 <= int(steps) <= 1000:
+        raise argparse.ArgumentTypeError(f"setting {text!r} must be SAMPLER:STEPS with 1 <= STEPS <= 1000")
+    try:
+        return schedulers.sampler_name(name), int(steps)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="shapes", help="bundled model name, folder or hub id (default: shapes)")
+    p.add_argument("--pairs", type=int, default=84, help="prompt/seed pairs (default 84: every prompt once)")
+    p.add_argument("--seed0", type=int, default=0, help="seed of the first pair")
+    p.add_argument("--settings", nargs="+", type=parse_setting, default=[parse_setting(s) for s in DEFAULT_SETTINGS],
+                   help=f"SAMPLER:STEPS settings to measure (default: {' '.join(DEFAULT_SETTINGS)})")
+    p.add_argument("--guidance", type=float, default=9.0, help="classifier-free guidance scale (default 9)")
+    p.add_argument("--reference", default="ddim:1000", help="reference setting, or 'none' (default ddim:1000)")
+    p.add_argument("--reference-pairs", type=int, default=12, help="pairs the reference is run for (default 12)")
+    p.add_argument("--batch-size", type=int, default=12)
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
+    p.add_argument("--videos", type=Path, default=None, help="also write every video (mp4) under this folder")
+    return p
+
+
+def run(args: argparse.Namespace) -> dict:
+    from modelscope_t2v.pipelines import TextToVideoSDPipeline
+    from modelscope_t2v.video_io import export_to_video
+
+    if args.pairs < 1 or args.batch_size < 1 or args.reference_pairs < 0:
+        raise ValueError("--pairs and --batch-size must be >= 1 and --reference-pairs >= 0")
+    if args.reference_pairs > args.pairs:
+        raise ValueError(f"--reference-pairs ({args.reference_pairs}) must be <= --pairs ({args.pairs})")
+    reference = None if args.reference == "none" else parse_setting(args.reference)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    pipe = TextToVideoSDPipeline.from_pretrained(args.model)
+    pipe.set_progress_bar_config(disable=True)
+    released = dict(pipe.scheduler.config)
+    pairs = se.prompt_seed_pairs(args.pairs, args.seed0)
+    prompts = [p for p, _ in pairs]
+
+    def videos(setting, subset):
+        sampler, steps = setting
+        pipe.scheduler = schedulers.make_sampler(sampler, released)
+        t0 = time.perf_counter()
+        out = se.generate(pipe, subset, steps=steps, guidance=args.guidance, batch_size=args.batch_size)
+        return out, time.perf_counter() - t0
+
+    result = {"model": str(args.model), "pairs": args.pairs, "guidance": args.guidance,
+              "reference": args.reference, "reference_pairs": args.reference_pairs if reference else 0,
+              "settings": []}
+    ref_videos = None
+    if reference is not None and args.reference_pairs:
+        print(f"reference {args.reference} on {args.reference_pairs} pairs ...", file=sys.stderr, flush=True)
+        ref_videos, seconds = videos(reference, pairs[:args.reference_pairs])
+        readings = [se.read_video(v) for v in ref_videos]
+        result["reference_result"] = {
+            "accuracy": se.accuracy(prompts[:args.reference_pairs], readings), "seconds": seconds}
+    for sampler, steps in args.settings:
+        print(f"{sampler}:{steps} on {args.pairs} pairs ...", file=sys.stderr, flush=True)
+        vids, seconds = videos((sampler, steps), pairs)
+        readings = [se.read_video(v) for v in vids]
+        row = {"sampler": sampler, "steps": steps, "accuracy": se.accuracy(prompts, readings),
+               "seconds": seconds, "seconds_per_video": seconds / len(pairs),
+               "readings": [{"prompt": p, "seed": s, **se.reading_dict(r)} for (p, s), r in zip(pairs, readings)]}
+        if ref_videos is not None:
+            diff = np.abs(vids[:len(ref_videos)] - ref_videos)
+            row["error_vs_reference"] = {"mean_abs": float(diff.mean()),
+                                         "rms": float(np.sqrt((diff ** 2).mean()))}
+        result["settings"].append(row)
+        if args.videos is not None:
+            for (p, s), v in zip(pairs, vids):
+                name = f"{sampler}-{steps}/{s:03d}-{p.replace(' ', '-')}.mp4"
+                (args.videos / name).parent.mkdir(parents=True, exist_ok=True)
+                export_to_video(list(v), str(args.videos / name), fps=8)
+    return result
+
+
+def table(result: dict) -> str:
+    ref = result["reference"] if result.get("reference_pairs") else None
+    head = "| sampler | steps | colour | shape | direction | all three |"
+    rule = "|---|---:|---:|---:|---:|---:|"
+    if ref:
+        head += f" mean abs error vs {ref} |"
+        rule += "---:|"
+    lines = [head, rule]
+    for row in result["settings"]:
+        a = row["accuracy"]
+        line = (f"| {row['sampler']} | {row['steps']} | {a['color']:.1%} | {a['shape']:.1%} | "
+                f"{a['direction']:.1%} | {a['all']:.1%} |")
+        if ref:
+            line += f" {row['error_vs_reference']['mean_abs']:.4f} |"
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        result = run(args)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"{result['model']}: {result['pairs']} prompt/seed pairs, guidance {result['guidance']}")
+    print(table(result))
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = args.out.with_suffix(args.out.suffix + ".tmp")
+        tmp.write_text(json.dumps(result, indent=1))
+        tmp.replace(args.out)
+        print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

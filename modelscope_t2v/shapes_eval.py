@@ -1,0 +1,178 @@
+"""Reading generated shapes videos back: the object's colour, shape and direction, and accuracy over
+prompt/seed pairs. Used by evaluate.py, the notebooks and the tests.
+
+The measurements are deliberately simple and calibrated on the renderer itself (tests/test_shapes_eval.py
+checks that every rendered clip of the grammar reads back correctly):
+
+- foreground: pixels whose brightest channel is above half intensity (the object is pure colour on black);
+- colour: the nearest `COLOR_RGB` entry to the mean foreground colour, over all frames;
+- shape: the fill of the object's bounding box (foreground pixels / box area), the median over frames:
+  square ~1, circle pi/4 ~0.79, triangle (equilateral, pointing up) 1/2, split at the midpoints;
+- direction: the drift of the foreground centroid from first to last frame (a least-squares line through
+  the per-frame centroids, so one bad frame does not decide it); the larger axis and its sign give
+  left/right/up/down, and a drift under `MIN_DRIFT` of the frame size reads as "static".
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import asdict, dataclass
+from typing import Iterable, Sequence
+
+import numpy as np
+
+from .data import COLOR_RGB, COLORS, DIRECTIONS, SHAPES, parse_shapes_caption, shapes_caption
+
+FOREGROUND_THRESHOLD = 0.5  # of full intensity, on the brightest channel
+# bounding-box fill -> shape: triangle 0.5 | circle 0.785 | square 1.0, split at the midpoints
+SHAPE_FILL_BOUNDS = ((0.5 + np.pi / 4) / 2, (np.pi / 4 + 1.0) / 2)
+MIN_DRIFT = 0.1  # of the frame size along the axis; the training clips travel at least 0.36
+MIN_PIXELS = 4  # foreground pixels for a frame to count
+
+
+@dataclass
+class Reading:
+    """What one video shows. `found` is False when no frame has an object (then nothing is read)."""
+
+    found: bool
+    color: str | None = None
+    shape: str | None = None
+    direction: str | None = None  # left | right | up | down | static
+    fill: float = float("nan")  # median bounding-box fill
+    drift: tuple[float, float] = (float("nan"), float("nan"))  # (dx, dy) in frame fractions, y down
+    mean_rgb: tuple[float, float, float] = (float("nan"),) * 3  # of the foreground, in [0, 1]
+
+
+def _as_float_frames(video) -> np.ndarray:
+    """f h w 3 float in [0, 1] from uint8 or float frames (a torch tensor or an array)."""
+    x = np.asarray(video.detach().cpu().numpy() if hasattr(video, "detach") else video)
+    if x.ndim != 4 or x.shape[-1] != 3:
+        raise ValueError(f"expected frames of shape (f, h, w, 3), got {x.shape}")
+    return x.astype(np.float32) / 255.0 if x.dtype == np.uint8 else x.astype(np.float32)
+
+
+def read_video(video) -> Reading:
+    """Colour, shape and direction of the object in `video` (f h w 3, uint8 or float in [0, 1])."""
+    x = _as_float_frames(video)
+    f, h, w, _ = x.shape
+    mask = x.max(axis=-1) > FOREGROUND_THRESHOLD  # f h w
+    counts = mask.sum(axis=(1, 2))
+    frames = np.flatnonzero(counts >= MIN_PIXELS)
+    if len(frames) == 0:
+        return Reading(found=False)
+    fg = x[mask]  # n 3
+    rgb = fg.mean(axis=0)
+    palette = np.asarray([COLOR_RGB[c] for c in COLORS], dtype=np.float32) / 255.0
+    color = COLORS[int(np.argmin(((palette - rgb) ** 2).sum(axis=1)))]
+
+    fills, cx, cy = [], [], []
+    for i in frames:
+        ys, xs = np.nonzero(mask[i])
+        box = (ys.max() - ys.min() + 1) * (xs.max() - xs.min() + 1)
+        fills.append(len(ys) / box)
+        cx.append(xs.mean())
+        cy.append(ys.mean())
+    fill = float(np.median(fills))
+    shape = "triangle" if fill < SHAPE_FILL_BOUNDS[0] else "circle" if fill < SHAPE_FILL_BOUNDS[1] else "square"
+
+    if len(frames) >= 2:
+        t = frames.astype(np.float64)
+        span = (f - 1) if f > 1 else 1
+        dx = float(np.polyfit(t, np.asarray(cx), 1)[0]) * span / w
+        dy = float(np.polyfit(t, np.asarray(cy), 1)[0]) * span / h
+    else:
+        dx = dy = 0.0
+    if max(abs(dx), abs(dy)) < MIN_DRIFT:
+        direction = "static"
+    elif abs(dx) >= abs(dy):
+        direction = "right" if dx > 0 else "left"
+    else:
+        direction = "down" if dy > 0 else "up"
+    return Reading(True, color, shape, direction, fill, (dx, dy), tuple(float(v) for v in rgb))
+
+
+def score(prompt: str, reading: Reading) -> dict[str, bool]:
+    """Per attribute: does the video show what `prompt` ("a {color} {shape} moving {direction}") asks?"""
+    color, shape, direction = parse_shapes_caption(prompt)
+    out = {"color": reading.color == color, "shape": reading.shape == shape}
+    if direction is not None:
+        out["direction"] = reading.direction == direction
+    out["all"] = all(out.values())
+    return out
+
+
+def grammar_prompts() -> list[str]:
+    """Every video caption of the grammar (colour x shape x direction): 84 prompts."""
+    return [shapes_caption(c, s, d) for c, s, d in itertools.product(COLORS, SHAPES, DIRECTIONS)]
+
+
+def prompt_seed_pairs(n: int, seed0: int = 0) -> list[tuple[str, int]]:
+    """`n` (prompt, seed) pairs: the grammar's prompts in a fixed shuffled order (so any prefix covers
+    colours, shapes and directions evenly), cycled, with seeds seed0, seed0 + 1, ..."""
+    if n < 1:
+        raise ValueError(f"the number of prompt/seed pairs must be >= 1, got {n}")
+    prompts = grammar_prompts()
+    order = np.random.default_rng(1234).permutation(len(prompts))
+    return [(prompts[order[i % len(prompts)]], seed0 + i) for i in range(n)]
+
+
+def accuracy(prompts: Sequence[str], readings: Iterable[Reading]) -> dict[str, float]:
+    """Fraction correct per attribute (and all three at once) over the videos."""
+    scores = [score(p, r) for p, r in zip(prompts, readings, strict=True)]
+    if not scores:
+        raise ValueError("no videos to score")
+    keys = scores[0].keys()
+    return {k: float(np.mean([s[k] for s in scores])) for k in keys}
+
+
+def generate(pipe, pairs: Sequence[tuple[str, int]], *, steps: int, guidance: float = 9.0, batch_size: int = 8,
+             num_frames: int = 16, height: int | None = None, width: int | None = None,
+             progress: bool = False) -> np.ndarray:
+    """Videos for (prompt, seed) pairs with `pipe` as it is (its scheduler = the sampler): n f h w 3 in
+    [0, 1]. Pair i's noise comes from its own CPU generator seeded with its seed, so a video does not
+    depend on the batch it ran in, every sampler starts from the same noise for the same pair, and it is
+    the video `python sample.py prompt=<prompt> seed=<seed>` writes."""
+    import torch
+
+    out = []
+    for start in range(0, len(pairs), batch_size):
+        chunk = pairs[start:start + batch_size]
+        generators = [torch.Generator("cpu").manual_seed(int(s)) for _, s in chunk]
+        frames = pipe([p for p, _ in chunk], num_frames=num_frames, height=height, width=width,
+                      num_inference_steps=steps, guidance_scale=guidance, generator=generators, output_type="np",
+                      ).frames  # b f h w 3
+        out.append(np.asarray(frames, dtype=np.float32))
+        if progress:
+            print(f"  {min(start + batch_size, len(pairs))}/{len(pairs)} videos", flush=True)
+    return np.concatenate(out)
+
+
+def reading_dict(r: Reading) -> dict:
+    return asdict(r)
+
+
+def contact_sheet(videos, frames: int = 4, pad: int = 2) -> np.ndarray:
+    """One row per video, `frames` evenly spaced frames of it side by side, on a grey grid:
+    (rows * (h + pad) + pad, frames * (w + pad) + pad, 3) uint8, for plt.imshow or PIL."""
+    vids = [_as_float_frames(v) for v in videos]
+    if not vids:
+        raise ValueError("no videos for the contact sheet")
+    f, h, w, _ = vids[0].shape
+    idx = np.linspace(0, f - 1, min(frames, f)).round().astype(int)
+    sheet = np.full((len(vids) * (h + pad) + pad, len(idx) * (w + pad) + pad, 3), 0.5, dtype=np.float32)
+    for r, v in enumerate(vids):
+        for c, i in enumerate(idx):
+            y, x = pad + r * (h + pad), pad + c * (w + pad)
+            sheet[y:y + h, x:x + w] = v[i]
+    return (sheet.clip(0, 1) * 255).round().astype(np.uint8)
+
+
+HELDOUT_SEED = 10_000  # a shapes_seed no training config uses
+
+
+def heldout_videos(n: int, num_frames: int = 16, size: int = 64) -> list[tuple[str, "torch.Tensor"]]:
+    """`n` (caption, clip c f h w in [-1, 1]) shapes videos from a data seed no training run uses."""
+    from .data import ShapesDataset
+
+    ds = ShapesDataset(n, num_frames=num_frames, height=size, width=size, seed=HELDOUT_SEED)
+    return [(item["caption"], item["pixels"]) for item in (ds[i] for i in range(n))]

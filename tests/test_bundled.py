@@ -1,0 +1,68 @@
+"""The bundled shapes model: found offline by name, the default of sample.py, and it draws what it is asked.
+
+The accuracy figures of docs/shapes_model.md come from evaluate.py; these checks are a regression guard on
+the shipped weights at a fraction of that cost.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import av
+import numpy as np
+import pytest
+import torch
+
+from modelscope_t2v import TextToVideoSDPipeline, bundled, schedulers
+from modelscope_t2v import shapes_eval as se
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+import sample  # noqa: E402
+
+
+def read_frames(path: Path) -> np.ndarray:
+    with av.open(str(path)) as container:
+        return np.stack([f.to_ndarray(format="rgb24") for f in container.decode(video=0)])  # f h w 3 uint8
+
+
+def test_the_bundled_model_is_small_safetensors_and_loads_offline_by_name():
+    folder = bundled.bundled_path("shapes")
+    assert folder is not None and bundled.bundled_models() == ["shapes"]
+    files = [p for p in folder.rglob("*") if p.is_file()]
+    assert sum(p.stat().st_size for p in files) <= 20 * 2**20
+    weights = [p for p in files if p.suffix in (".safetensors", ".bin", ".pth", ".pt", ".ckpt")]
+    assert {p.parent.name for p in weights} == {"unet", "vae", "text_encoder"}
+    assert all(p.suffix == ".safetensors" for p in weights)
+    pipe = TextToVideoSDPipeline.from_pretrained("shapes")
+    assert pipe.unet.dtype == torch.float32  # stored in fp16, loaded as diffusers does: float32
+    assert pipe.unet.config.sample_size * pipe.vae_scale_factor == 64
+    assert sample.SampleConfig(prompt="x").model == sample.DEFAULT_MODEL == "shapes"
+
+
+def test_sample_py_draws_a_red_circle_moving_left(tmp_path):
+    """The issue's command, as a user types it (default sampler settings: DDIM, 50 steps, guidance 9)."""
+    out = tmp_path / "x.mp4"
+    r = subprocess.run([sys.executable, str(ROOT / "sample.py"), "prompt=a red circle moving left", "seed=0",
+                        f"out={out}", "progress=false"], cwd=tmp_path, capture_output=True, text=True, timeout=600,
+                       env={"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"})
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip().splitlines()[-1] == str(out)
+    frames = read_frames(out)
+    assert frames.shape == (16, 64, 64, 3)
+    reading = se.read_video(frames)
+    assert (reading.color, reading.shape, reading.direction) == ("red", "circle", "left"), reading
+
+
+@pytest.mark.parametrize("sampler,steps", [("dpm++2m", 15)])
+def test_accuracy_on_a_sample_of_the_grammar(sampler, steps):
+    """One prompt per (colour, direction) pair cycling the shapes: a regression guard on the shipped weights."""
+    pipe = TextToVideoSDPipeline.from_pretrained("shapes")
+    pipe.set_progress_bar_config(disable=True)
+    pipe.scheduler = schedulers.make_sampler(sampler, pipe.scheduler.config)
+    pairs = se.prompt_seed_pairs(14, seed0=500)
+    videos = se.generate(pipe, pairs, steps=steps, batch_size=7)
+    acc = se.accuracy([p for p, _ in pairs], [se.read_video(v) for v in videos])
+    assert acc["color"] >= 0.85 and acc["direction"] >= 0.85 and acc["shape"] >= 0.7, acc
