@@ -7,7 +7,8 @@ setting's error against a many-step reference from the same noise.
     python evaluate.py --model runs/shapes-unet/checkpoints/last --pairs 84 --settings ddim:50 dpm++2m:25
     python evaluate.py --settings ddim:50 --reference none --out results.json --videos eval_videos/
 
-A setting is SAMPLER:STEPS (samplers as in sample.py: ddim, dpm++2m, dpm++2m-sde, dpm++3m). Pair i is
+A setting is SAMPLER:STEPS[:SPACING] (samplers as in sample.py: ddim, dpm++2m, dpm++2m-sde, dpm++3m;
+spacing leading | linspace | trailing, default the checkpoint's own). Pair i is
 (prompt, seed) with the grammar's 84 prompts in a fixed shuffled order and seed i, so a video is exactly
 what `python sample.py prompt=<prompt> seed=<seed> sampler=... steps=...` writes. The error is the mean
 absolute difference of the frames (in [0, 1]) from the reference setting's frames of the same pair, over
@@ -31,13 +32,17 @@ from modelscope_t2v import shapes_eval as se
 DEFAULT_SETTINGS = ["ddim:50", "dpm++2m:10", "dpm++2m:25"]
 
 
-def parse_setting(text: str) -> tuple[str, int]:
-    """'dpm++2m:25' -> ('dpm++2m', 25); argparse-friendly errors name the setting."""
-    name, sep, steps = text.rpartition(":")
-    if not sep or not steps.isdigit() or not 1 <= int(steps) <= 1000:
-        raise argparse.ArgumentTypeError(f"setting {text!r} must be SAMPLER:STEPS with 1 <= STEPS <= 1000")
+def parse_setting(text: str) -> tuple[str, int, str | None]:
+    """'dpm++2m:25' -> ('dpm++2m', 25, None); 'ddim:1000:trailing' -> ('ddim', 1000, 'trailing').
+    argparse-friendly errors name the setting."""
+    parts = text.split(":")
+    if len(parts) not in (2, 3) or not parts[1].isdigit() or not 1 <= int(parts[1]) <= 1000:
+        raise argparse.ArgumentTypeError(f"setting {text!r} must be SAMPLER:STEPS[:SPACING] with 1 <= STEPS <= 1000")
+    spacing = parts[2] if len(parts) == 3 else None
+    if spacing not in (None, "leading", "linspace", "trailing"):
+        raise argparse.ArgumentTypeError(f"setting {text!r}: SPACING must be leading, linspace or trailing")
     try:
-        return schedulers.sampler_name(name), int(steps)
+        return schedulers.sampler_name(parts[0]), int(parts[1]), spacing
     except ValueError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
 
@@ -50,7 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--settings", nargs="+", type=parse_setting, default=[parse_setting(s) for s in DEFAULT_SETTINGS],
                    help=f"SAMPLER:STEPS settings to measure (default: {' '.join(DEFAULT_SETTINGS)})")
     p.add_argument("--guidance", type=float, default=9.0, help="classifier-free guidance scale (default 9)")
-    p.add_argument("--reference", default="ddim:1000", help="reference setting, or 'none' (default ddim:1000)")
+    p.add_argument("--reference", default="ddim:1000:trailing",
+                   help="reference setting, or 'none' (default ddim:1000:trailing: every timestep, 999 to 0)")
     p.add_argument("--reference-pairs", type=int, default=12, help="pairs the reference is run for (default 12)")
     p.add_argument("--batch-size", type=int, default=12)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
@@ -77,8 +83,8 @@ def run(args: argparse.Namespace) -> dict:
     prompts = [p for p, _ in pairs]
 
     def videos(setting, subset):
-        sampler, steps = setting
-        pipe.scheduler = schedulers.make_sampler(sampler, released)
+        sampler, steps, spacing = setting
+        pipe.scheduler = schedulers.make_sampler(sampler, released, spacing)
         t0 = time.perf_counter()
         out = se.generate(pipe, subset, steps=steps, guidance=args.guidance, batch_size=args.batch_size)
         return out, time.perf_counter() - t0
@@ -93,11 +99,11 @@ def run(args: argparse.Namespace) -> dict:
         readings = [se.read_video(v) for v in ref_videos]
         result["reference_result"] = {
             "accuracy": se.accuracy(prompts[:args.reference_pairs], readings), "seconds": seconds}
-    for sampler, steps in args.settings:
+    for sampler, steps, spacing in args.settings:
         print(f"{sampler}:{steps} on {args.pairs} pairs ...", file=sys.stderr, flush=True)
-        vids, seconds = videos((sampler, steps), pairs)
+        vids, seconds = videos((sampler, steps, spacing), pairs)
         readings = [se.read_video(v) for v in vids]
-        row = {"sampler": sampler, "steps": steps, "accuracy": se.accuracy(prompts, readings),
+        row = {"sampler": sampler, "steps": steps, "spacing": pipe.scheduler.config.timestep_spacing, "accuracy": se.accuracy(prompts, readings),
                "seconds": seconds, "seconds_per_video": seconds / len(pairs),
                "readings": [{"prompt": p, "seed": s, **se.reading_dict(r)} for (p, s), r in zip(pairs, readings)]}
         if ref_videos is not None:

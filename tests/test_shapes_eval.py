@@ -82,7 +82,7 @@ def test_evaluate_script_rejects_bad_arguments_before_loading_anything():
                               text=True, env={"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PATH": ""})
 
     bad = run("--settings", "ddim:0")
-    assert bad.returncode == 2 and "SAMPLER:STEPS with 1 <= STEPS <= 1000" in bad.stderr
+    assert bad.returncode == 2 and "SAMPLER:STEPS[:SPACING] with 1 <= STEPS <= 1000" in bad.stderr
     bad = run("--settings", "euler:10")
     assert bad.returncode == 2 and "sampler='euler' is not known" in bad.stderr
     bad = run("--pairs", "4", "--reference-pairs", "8")
