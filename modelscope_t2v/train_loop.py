@@ -71,7 +71,8 @@ class ModelConfig:
     # a checkpoint to start from (a folder in either layout, or a hub id)
     name_or_path: str = "tiny"
     # field overrides of the preset's UNetConfig / VAEConfig, e.g. {"block_channels": [32, 64, 64]}
-    # (random init only; a checkpoint's sizes are the checkpoint's)
+    # (random init only; a checkpoint's sizes are the checkpoint's: on a checkpoint only the UNet fields
+    # that leave its tensors as they are, CHECKPOINT_UNET_FIELDS, may be changed)
     unet: Dict[str, Any] = field(default_factory=dict)
     vae: Dict[str, Any] = field(default_factory=dict)
     # take the autoencoder (weights, config, scaling_factor) from this checkpoint instead of a random
@@ -178,6 +179,10 @@ _CHOICES = {
 }
 
 
+# UNetConfig fields a run that starts from a checkpoint may change: they leave every tensor's shape alone
+CHECKPOINT_UNET_FIELDS = ("dropout", "temporal_position_embedding")
+
+
 def check_config(cfg: TrainConfig) -> None:
     """Raise ConfigError naming the field and its allowed values for anything `train` cannot run."""
     extra = _unknown_fields(cfg)
@@ -222,10 +227,12 @@ def check_config(cfg: TrainConfig) -> None:
     if cfg.model.vae_from is not None and cfg.trainer.target == "vae" and not is_preset:
         raise ConfigError("model.vae_from with trainer.target=vae: start from the checkpoint itself "
                           "(model.name_or_path) instead")
-    if not is_preset and (cfg.model.unet or cfg.model.vae):
+    if not is_preset and (cfg.model.vae or set(cfg.model.unet) - set(CHECKPOINT_UNET_FIELDS)):
+        fixed = sorted(set(cfg.model.unet) - set(CHECKPOINT_UNET_FIELDS)) + sorted(f"vae.{k}" for k in cfg.model.vae)
         raise ConfigError(
-            f"model.unet / model.vae overrides apply to presets {sorted(UNET_PRESETS)} only, "
-            f"not to the checkpoint {cfg.model.name_or_path!r}"
+            f"model.unet / model.vae overrides {fixed} apply to presets {sorted(UNET_PRESETS)} only, not to the "
+            f"checkpoint {cfg.model.name_or_path!r} (its sizes are its tensors'); on a checkpoint only "
+            f"model.unet.{{{', '.join(CHECKPOINT_UNET_FIELDS)}}} may change"
         )
     try:
         data_lib.check_data_config(data_lib.as_data_config(cfg.data))
@@ -346,6 +353,10 @@ def build_pipeline(mc: ModelConfig, seed: int) -> TextToVideoSDPipeline:
     checkpoint, float32."""
     if mc.name_or_path not in UNET_PRESETS:
         pipe = TextToVideoSDPipeline.from_pretrained(mc.name_or_path)
+        if mc.unet:  # CHECKPOINT_UNET_FIELDS only (check_config): the same tensors in a changed network
+            unet = UNet3D(UNetConfig.from_dict({**dataclasses.asdict(pipe.unet.config), **mc.unet}))
+            unet.load_state_dict(pipe.unet.state_dict())
+            pipe.unet = unet.eval()
         if mc.vae_from is not None:
             pipe.vae = _read_vae(mc.vae_from, {})
         return pipe

@@ -9,7 +9,8 @@ Every level is a list of `SpaceTimeBlock`s (resnet -> temporal_conv -> [spatial_
 temporal_attention]) plus a down/upsampler. The temporal conv is 4 x [GroupNorm, SiLU, (Dropout),
 Conv3d (3,1,1)] with a residual and a zero-initialised last conv; the temporal attention is a
 transformer whose two attentions are both self-attention over the frames of one pixel (no positional
-embedding, GroupNorm eps 1e-6 over all frames). Spatial attention is the SD 2 transformer: linear
+embedding, GroupNorm eps 1e-6 over all frames; `temporal_position_embedding=True`, ours and off by
+default, adds a sinusoidal frame-index embedding there). Spatial attention is the SD 2 transformer: linear
 proj_in/proj_out, self-attention, cross-attention to the text, GEGLU feed-forward.
 
 Behaviour worth knowing:
@@ -72,6 +73,12 @@ class UNetConfig:
     # optional guidance-scale embedding (T2V-Turbo-MS style, diffusers' time_cond_proj_dim): a
     # bias-free Linear(timestep_cond_dim -> block_channels[0]) added to the sinusoidal embedding
     timestep_cond_dim: int | None = None
+    # ours, not in either reference (default off: the released checkpoints have none): add a fixed
+    # sinusoidal embedding of the frame index inside every temporal transformer, after proj_in, as
+    # AnimateDiff's motion modules do. Without it the temporal attention is blind to frame order and
+    # only the temporal convs' zero padding tells frames apart (docs/shapes_model.md measures what
+    # that costs a small model). Parameter-free: the weights of a checkpoint are the same either way.
+    temporal_position_embedding: bool = False
 
     def __post_init__(self) -> None:
         self.block_channels = tuple(int(c) for c in self.block_channels)
@@ -282,11 +289,14 @@ class SpatialTransformer(nn.Module):
 
 
 class TemporalTransformer(nn.Module):
-    """Attention over the frames of each pixel: two self-attentions, no positional embedding."""
+    """Attention over the frames of each pixel: two self-attentions; no positional embedding (as both
+    references) unless `position_embedding`: then a sinusoidal embedding of the frame index is added
+    after proj_in."""
 
-    def __init__(self, ch: int, heads: int, head_dim: int, groups: int):
+    def __init__(self, ch: int, heads: int, head_dim: int, groups: int, position_embedding: bool = False):
         super().__init__()
         inner = heads * head_dim
+        self.position_embedding = position_embedding
         self.norm = nn.GroupNorm(groups, ch, eps=1e-6)
         self.proj_in = nn.Linear(ch, inner)
         self.block = TransformerBlock(inner, heads, head_dim, context_dim=None)
@@ -299,8 +309,11 @@ class TemporalTransformer(nn.Module):
         b = x.shape[0] // num_frames
         height, width = x.shape[-2:]
         h = self.norm(rearrange(x, "(b f) c h w -> b c f h w", f=num_frames))  # b c f h w
-        h = rearrange(h, "b c f h w -> (b h w) f c")  # (b h w) f c
-        h = self.proj_out(self.block(self.proj_in(h)))  # (b h w) f c
+        h = self.proj_in(rearrange(h, "b c f h w -> (b h w) f c"))  # (b h w) f inner
+        if self.position_embedding:
+            frames = torch.arange(num_frames, device=h.device)
+            h = h + timestep_embedding(frames, h.shape[-1]).to(h.dtype)  # + f inner
+        h = self.proj_out(self.block(h))  # (b h w) f c
         h = rearrange(h, "(b h w) f c -> (b f) c h w", b=b, h=height, w=width)  # (b f) c h w
         return x + h  # (b f) c h w
 
@@ -337,7 +350,8 @@ class SpaceTimeBlock(nn.Module):
         if attention:
             heads = out_ch // c.head_dim
             self.spatial_attention = SpatialTransformer(out_ch, c.head_dim, c.cross_attention_dim, c.norm_groups)
-            self.temporal_attention = TemporalTransformer(out_ch, heads, c.head_dim, c.norm_groups)
+            self.temporal_attention = TemporalTransformer(out_ch, heads, c.head_dim, c.norm_groups,
+                                                          c.temporal_position_embedding)
         else:
             self.spatial_attention = None
             self.temporal_attention = None
@@ -382,7 +396,8 @@ class UNet3D(nn.Module):
         embed_dim = 4 * ch0
         self.time_mlp = TimestepMLP(ch0, embed_dim, c.timestep_cond_dim)
         self.conv_in = nn.Conv2d(c.in_channels, ch0, 3, padding=1)
-        self.temporal_attention_in = TemporalTransformer(ch0, c.temporal_in_heads, c.head_dim, c.norm_groups)
+        self.temporal_attention_in = TemporalTransformer(ch0, c.temporal_in_heads, c.head_dim, c.norm_groups,
+                                                         c.temporal_position_embedding)
 
         # down: remember the width of every skip connection, in the order they are produced
         skip_channels, ch = [ch0], ch0
@@ -561,7 +576,9 @@ _DIFFUSERS_KEYS = {
     "block_out_channels", "layers_per_block", "norm_num_groups", "norm_eps", "cross_attention_dim",
     "attention_head_dim", "time_cond_proj_dim", *_DIFFUSERS_FIXED,
 }
-_OURS_IN_DIFFUSERS = {"dropout": 0.1}  # ours-only extra keys, written only when not the default
+# ours-only extra keys, written only when not the default. diffusers ignores unknown config keys, so
+# it would run a folder with temporal_position_embedding=true without the embedding (a different model).
+_OURS_IN_DIFFUSERS = {"dropout": 0.1, "temporal_position_embedding": False}
 
 
 def unet_config_from_diffusers(d: Mapping[str, Any]) -> UNetConfig:
@@ -613,6 +630,7 @@ def unet_config_from_diffusers(d: Mapping[str, Any]) -> UNetConfig:
         sample_size=d.get("sample_size") or 32,
         dropout=d.get("dropout", 0.1),
         timestep_cond_dim=d.get("time_cond_proj_dim"),
+        temporal_position_embedding=bool(d.get("temporal_position_embedding", False)),
     )
 
 
@@ -650,7 +668,8 @@ def unet_config_to_diffusers(c: UNetConfig) -> dict:
 # model_cfg keys the original UNetSD has no field for (its values are hard-coded there); written
 # only when a config differs from those values, read back by unet_config_from_original.
 _OURS_IN_ORIGINAL = {"unet_norm_groups": ("norm_groups", 32), "unet_norm_eps": ("norm_eps", 1e-5),
-                     "unet_sample_size": ("sample_size", 32)}
+                     "unet_sample_size": ("sample_size", 32),
+                     "unet_temporal_position_embedding": ("temporal_position_embedding", False)}
 
 
 def unet_config_to_original(c: UNetConfig) -> dict:

@@ -464,3 +464,13 @@ def test_two_stage_training_from_scratch_autoencoder_then_unet(tmp_path):
 def test_a_unet_the_diffusers_layout_cannot_hold_is_refused_before_training(tmp_path):
     with pytest.raises(ConfigError, match="temporal_in_heads=2, but diffusers hard-codes 8"):
         train(compose_cfg(BASE + ["+model.unet.temporal_in_heads=2", f"run_dir={tmp_path}"]))
+
+
+def test_a_checkpoint_takes_only_the_unet_fields_that_keep_its_tensors(trained_run, tmp_path):
+    base = [o for o in BASE if not o.startswith("model=")] + [f"model={trained_run / 'checkpoints' / 'last'}"]
+    with pytest.raises(ConfigError, match=r"\['block_channels'\] apply to presets .* only"):
+        train(compose_cfg(base + ["+model.unet.block_channels=[32,64]", f"run_dir={tmp_path / 'a'}"]))
+    last = train(compose_cfg(base + ["+model.unet.temporal_position_embedding=true", "trainer.max_steps=1",
+                                     f"run_dir={tmp_path / 'b'}"]))
+    unet = TextToVideoSDPipeline.from_pretrained(last).unet
+    assert unet.config.temporal_position_embedding and unet.temporal_attention_in.position_embedding

@@ -269,6 +269,28 @@ def test_set_temporal_makes_frames_independent(diffusers_pair):
 
 
 @torch.no_grad()
+def test_temporal_position_embedding_tells_frames_apart(original_pair):
+    """Without it the temporal attention is blind to frame order (permuting the input frames permutes
+    the output); with it, it is not. Parameter-free: the same tensors load into either network."""
+    torch.manual_seed(0)
+    plain = perturb_(UNet3D(TINY)).eval()
+    framed = UNet3D(dataclasses.replace(TINY, temporal_position_embedding=True)).eval()
+    framed.load_state_dict(plain.state_dict(), strict=True)
+    x, t, ctx = _inputs(TINY, 4, (8, 8))
+    perm = torch.tensor([2, 0, 3, 1])
+    for model in (plain, framed):
+        model.set_temporal(conv=False)  # the temporal convs' zero padding would tell the ends apart
+    assert max_diff(plain(x[:, :, perm], t, ctx), plain(x, t, ctx)[:, :, perm]) <= 1e-5
+    assert max_diff(framed(x[:, :, perm], t, ctx), framed(x, t, ctx)[:, :, perm]) > 1e-2
+    # the flag survives both layouts' configs, and is written only when on
+    assert "temporal_position_embedding" not in unet_config_to_diffusers(TINY)
+    assert unet_config_from_diffusers(unet_config_to_diffusers(framed.config)) == framed.config
+    c = dataclasses.replace(TINY_ORIGINAL, temporal_position_embedding=True)
+    assert "unet_temporal_position_embedding" not in unet_config_to_original(TINY_ORIGINAL)
+    assert unet_config_from_original(unet_config_to_original(c), original_pair[0].state_dict()) == c
+
+
+@torch.no_grad()
 def test_fresh_temporal_convs_are_identity():
     torch.manual_seed(0)
     model = UNet3D(TINY).eval()
