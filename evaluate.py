@@ -20,7 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -84,10 +84,8 @@ def run(args: argparse.Namespace) -> dict:
 
     def videos(setting, subset):
         sampler, steps, spacing = setting
-        pipe.scheduler = schedulers.make_sampler(sampler, released, spacing)
-        t0 = time.perf_counter()
-        out = se.generate(pipe, subset, steps=steps, guidance=args.guidance, batch_size=args.batch_size)
-        return out, time.perf_counter() - t0
+        return se.run_setting(pipe, subset, sampler, steps, config=released, guidance=args.guidance,
+                              spacing=spacing, batch_size=args.batch_size)
 
     result = {"model": str(args.model), "pairs": args.pairs, "guidance": args.guidance,
               "reference": args.reference, "reference_pairs": args.reference_pairs if reference else 0,
@@ -105,7 +103,7 @@ def run(args: argparse.Namespace) -> dict:
         readings = [se.read_video(v) for v in vids]
         row = {"sampler": sampler, "steps": steps, "spacing": pipe.scheduler.config.timestep_spacing, "accuracy": se.accuracy(prompts, readings),
                "seconds": seconds, "seconds_per_video": seconds / len(pairs),
-               "readings": [{"prompt": p, "seed": s, **se.reading_dict(r)} for (p, s), r in zip(pairs, readings)]}
+               "readings": [{"prompt": p, "seed": s, **asdict(r)} for (p, s), r in zip(pairs, readings)]}
         if ref_videos is not None:
             diff = np.abs(vids[:len(ref_videos)] - ref_videos)
             row["error_vs_reference"] = {"mean_abs": float(diff.mean()),

@@ -16,7 +16,8 @@ checks that every rendered clip of the grammar reads back correctly):
 from __future__ import annotations
 
 import itertools
-from dataclasses import asdict, dataclass
+import time
+from dataclasses import dataclass
 from typing import Iterable, Sequence
 
 import numpy as np
@@ -147,8 +148,22 @@ def generate(pipe, pairs: Sequence[tuple[str, int]], *, steps: int, guidance: fl
     return np.concatenate(out)
 
 
-def reading_dict(r: Reading) -> dict:
-    return asdict(r)
+def run_setting(pipe, pairs: Sequence[tuple[str, int]], sampler: str, steps: int, *, config, guidance: float = 9.0,
+                spacing: str | None = None, batch_size: int = 12) -> tuple[np.ndarray, float]:
+    """One sampler setting over (prompt, seed) pairs: `pipe.scheduler` becomes sampler `sampler` built from
+    the checkpoint's scheduler `config` (`spacing` overrides its timestep spacing), then `generate`.
+    Returns the videos (n f h w 3 in [0, 1]) and the seconds they took."""
+    from .schedulers import make_sampler
+
+    pipe.scheduler = make_sampler(sampler, config, spacing)
+    t0 = time.perf_counter()
+    videos = generate(pipe, pairs, steps=steps, guidance=guidance, batch_size=batch_size)
+    return videos, time.perf_counter() - t0
+
+
+def score_videos(pairs: Sequence[tuple[str, int]], videos) -> dict[str, float]:
+    """`accuracy` of videos generated for (prompt, seed) pairs."""
+    return accuracy([p for p, _ in pairs], [read_video(v) for v in videos])
 
 
 def contact_sheet(videos, frames: int = 4, pad: int = 2) -> np.ndarray:
@@ -165,6 +180,20 @@ def contact_sheet(videos, frames: int = 4, pad: int = 2) -> np.ndarray:
             y, x = pad + r * (h + pad), pad + c * (w + pad)
             sheet[y:y + h, x:x + w] = v[i]
     return (sheet.clip(0, 1) * 255).round().astype(np.uint8)
+
+
+def show_contact_sheet(videos, labels: Sequence[str], title: str, frames: int = 6) -> None:
+    """Plot `contact_sheet(videos)` with matplotlib, one labelled row per video (for the notebooks)."""
+    import matplotlib.pyplot as plt
+
+    sheet = contact_sheet(videos, frames=frames)
+    plt.figure(figsize=(1.1 * frames, 1.0 * len(videos) + 0.6))
+    plt.imshow(sheet)
+    h = (sheet.shape[0] - 2) / len(videos)
+    plt.yticks([2 + h * (i + 0.5) for i in range(len(videos))], labels, fontsize=8)
+    plt.xticks([])
+    plt.title(title, fontsize=10)
+    plt.show()
 
 
 HELDOUT_SEED = 10_000  # a shapes_seed no training config uses
