@@ -122,6 +122,15 @@ class TrainerConfig:
     zero_terminal_snr: bool = False  # rescale betas to zero terminal SNR (Lin et al. 2023); needs v_prediction
     offset_noise: float = 0.0  # add offset_noise * N(0, 1) per (sample, channel), constant over frames and pixels
     caption_dropout: float = 0.1  # probability of training on "" (the unconditional branch of CFG)
+    # which timesteps a sample is trained at: "none" draws t uniformly; "later" / "earlier" multiply the
+    # probability of the last / first `timestep_bias_portion` of the timesteps by `timestep_bias_multiplier`;
+    # "range" that of [timestep_bias_begin, timestep_bias_end). (The names of diffusers' SDXL training
+    # script.) Why: where the caption alone must decide the layout (high noise) is a small slice of t.
+    timestep_bias_strategy: str = "none"
+    timestep_bias_multiplier: float = 1.0  # 0 never draws the biased timesteps
+    timestep_bias_portion: float = 0.25  # "later" / "earlier": the fraction of timesteps biased
+    timestep_bias_begin: int = 0  # "range": first biased timestep
+    timestep_bias_end: int = 1000  # "range": one past the last
     # objective (target vae): mean |x - x'| (or squared) + kl_weight * KL per image / pixels per image,
     # i.e. the LDM autoencoder loss without the perceptual and adversarial terms, divided by pixel count
     vae_kl_weight: float = 1e-6
@@ -172,6 +181,7 @@ _CHOICES = {
     "trainer.lr_schedule": ("constant", "cosine", "linear"),
     "trainer.precision": ("auto", "fp32", "bf16", "fp16"),
     "trainer.prediction_type": ("epsilon", "v_prediction"),
+    "trainer.timestep_bias_strategy": ("none", "later", "earlier", "range"),
     "trainer.vae_recon_loss": ("l1", "mse"),
     "trainer.on_nonfinite": ("stop", "skip"),
     "trainer.parallel": ("auto", "ddp", "fsdp"),
@@ -218,6 +228,12 @@ def check_config(cfg: TrainConfig) -> None:
                        "trainer.vae_kl_weight": t.vae_kl_weight, "trainer.weight_decay": t.weight_decay}.items():
         if value < 0:
             raise ConfigError(f"{key} must be >= 0, got {value}")
+    if t.timestep_bias_strategy != "none":
+        try:
+            timestep_weights(1000, t.timestep_bias_strategy, t.timestep_bias_multiplier, t.timestep_bias_portion,
+                             t.timestep_bias_begin, t.timestep_bias_end)
+        except ValueError as e:
+            raise ConfigError(f"trainer.{e}") from e
     if t.zero_terminal_snr and t.prediction_type != "v_prediction":
         raise ConfigError(
             "trainer.zero_terminal_snr=true needs trainer.prediction_type=v_prediction: at zero SNR the "
@@ -495,9 +511,45 @@ class _Frozen:
 # Objectives. `gens` = (cpu generator, device generator) of this step.
 
 
+def timestep_weights(num_train_timesteps: int, strategy: str, multiplier: float = 1.0, portion: float = 0.25,
+                     begin: int = 0, end: int = 1000) -> Tensor:
+    """Unnormalised probability of training at each timestep (TrainerConfig.timestep_bias_*): ones, and
+    `multiplier` on the biased ones."""
+    n = num_train_timesteps
+    w = torch.ones(n, dtype=torch.float64)
+    if strategy == "none":
+        return w
+    if not multiplier >= 0:
+        raise ValueError(f"timestep_bias_multiplier must be >= 0, got {multiplier}")
+    if strategy in ("later", "earlier"):
+        if not 0.0 < portion < 1.0:
+            raise ValueError(f"timestep_bias_portion must be in (0, 1), got {portion}")
+        k = max(1, int(round(portion * n)))
+        biased = slice(n - k, n) if strategy == "later" else slice(0, k)
+    elif strategy == "range":
+        if not 0 <= begin < end <= n:
+            raise ValueError(f"timestep_bias_begin / _end must satisfy 0 <= begin < end <= {n}, got {begin}, {end}")
+        biased = slice(begin, end)
+    else:
+        raise ValueError(f"timestep_bias_strategy must be one of ('none', 'later', 'earlier', 'range'), got {strategy!r}")
+    w[biased] *= multiplier
+    if not w.sum() > 0:
+        raise ValueError("timestep_bias_multiplier=0 over every timestep leaves none to train on")
+    return w
+
+
+def draw_timesteps(n: int, num_train_timesteps: int, t: TrainerConfig, generator: torch.Generator) -> Tensor:
+    """n training timesteps (int64, cpu): uniform, or from timestep_weights."""
+    if t.timestep_bias_strategy == "none":
+        return torch.randint(0, num_train_timesteps, (n,), generator=generator)
+    w = timestep_weights(num_train_timesteps, t.timestep_bias_strategy, t.timestep_bias_multiplier,
+                         t.timestep_bias_portion, t.timestep_bias_begin, t.timestep_bias_end)
+    return torch.multinomial(w, n, replacement=True, generator=generator)
+
+
 def diffusion_loss(model: nn.Module, frozen: _Frozen, batch: dict, alphas_cumprod: Tensor, t: TrainerConfig,
                    gens: tuple[torch.Generator, torch.Generator]) -> Tensor:
-    """MSE between the UNet's output and eps (or v) at uniformly drawn timesteps."""
+    """MSE between the UNet's output and eps (or v) at timesteps drawn by `draw_timesteps`."""
     cpu, dev = gens
     device = frozen.device
     captions = list(batch["captions"])
@@ -511,7 +563,7 @@ def diffusion_loss(model: nn.Module, frozen: _Frozen, batch: dict, alphas_cumpro
     if t.offset_noise > 0:
         b, c = latents.shape[:2]
         noise = noise + t.offset_noise * torch.randn((b, c, 1, 1, 1), generator=dev, device=device)
-    timesteps = torch.randint(0, len(alphas_cumprod), (latents.shape[0],), generator=cpu).to(device)  # b
+    timesteps = draw_timesteps(latents.shape[0], len(alphas_cumprod), t, cpu).to(device)  # b
     noisy = add_noise(latents, noise, alphas_cumprod, timesteps)  # b c f h w
     target = noise if t.prediction_type == "epsilon" else velocity(latents, noise, alphas_cumprod, timesteps)
     with frozen.autocast():

@@ -30,7 +30,8 @@ from safetensors.torch import load_file
 from modelscope_t2v import checkpointing as ckpt
 from modelscope_t2v import data as data_lib
 from modelscope_t2v.pipelines import TextToVideoSDPipeline
-from modelscope_t2v.train_loop import ConfigError, NonFiniteLossError, TrainConfig, TrainerConfig, check_config, lr_at, train
+from modelscope_t2v.train_loop import (ConfigError, NonFiniteLossError, TrainConfig, TrainerConfig, check_config,
+                                      draw_timesteps, lr_at, timestep_weights, train)
 from modelscope_t2v.unet import UNet3D
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -106,6 +107,31 @@ def test_lr_schedule_is_a_function_of_the_step():
     assert lr_at(110, t) == pytest.approx(0.1)
     t.lr_schedule = "linear"
     assert lr_at(60, t) == pytest.approx(0.55)
+
+
+def test_timestep_bias_draws_the_biased_slice_as_often_as_asked():
+    # uniform: the same draws as before the option existed (a resumed old run keeps its timesteps)
+    g1, g2 = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    assert torch.equal(draw_timesteps(64, 1000, TrainerConfig(), g1), torch.randint(0, 1000, (64,), generator=g2))
+    w = timestep_weights(1000, "later", 9.0, 0.25)
+    assert float(w[750:].sum() / w.sum()) == pytest.approx(0.75) and w[:750].eq(1).all()
+    assert timestep_weights(1000, "earlier", 0.0, 0.1)[:100].eq(0).all()
+    assert timestep_weights(1000, "range", 3.0, begin=200, end=300)[199:301].tolist() == [1.0] + [3.0] * 100 + [1.0]
+    t = TrainerConfig(timestep_bias_strategy="later", timestep_bias_multiplier=9.0, timestep_bias_portion=0.25)
+    draws = draw_timesteps(20000, 1000, t, torch.Generator().manual_seed(0))
+    assert draws.min() >= 0 and draws.max() <= 999
+    assert float((draws >= 750).float().mean()) == pytest.approx(0.75, abs=0.015)
+    t = TrainerConfig(timestep_bias_strategy="range", timestep_bias_begin=900, timestep_bias_end=1000,
+                      timestep_bias_multiplier=1e9)
+    assert draw_timesteps(256, 1000, t, torch.Generator().manual_seed(0)).min() >= 900
+    for override, message in [("trainer.timestep_bias_strategy=late", r"timestep_bias_strategy must be one of"),
+                              ("trainer.timestep_bias_multiplier=-1", r"trainer.timestep_bias_multiplier must be >= 0"),
+                              ("trainer.timestep_bias_portion=1.5", r"trainer.timestep_bias_portion must be in \(0, 1\)"),
+                              ("trainer.timestep_bias_end=1200", r"begin < end <= 1000, got 0, 1200")]:
+        strategy = [] if "strategy" in override else ["trainer.timestep_bias_strategy=" + (
+            "range" if "end" in override else "later")]
+        with pytest.raises(ConfigError, match=message):
+            check_config(compose_cfg(BASE + strategy + [override]))
 
 
 def test_checkpoint_publication_is_atomic(tmp_path):
@@ -403,7 +429,7 @@ def test_precisions_objectives_and_caches_run_and_resume(tmp_path):
     common = BASE + ["trainer.precision=fp16", "trainer.gradient_checkpointing=true", "trainer.grad_accum=2",
                      "trainer.prediction_type=v_prediction", "trainer.zero_terminal_snr=true",
                      "trainer.offset_noise=0.1", "trainer.latent_cache_size=64", "trainer.lr_schedule=cosine",
-                     f"run_dir={run}"]
+                     "trainer.timestep_bias_strategy=later", "trainer.timestep_bias_multiplier=4", f"run_dir={run}"]
     train(compose_cfg(common + ["trainer.max_steps=2"]))
     last = run / "checkpoints" / "last"
     assert json.loads((last / "training_state" / "scaler.json").read_text())["scale"] > 0
