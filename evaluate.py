@@ -6,13 +6,16 @@ setting's error against a many-step reference from the same noise.
     python evaluate.py                                   # the bundled model, the settings of docs/shapes_model.md
     python evaluate.py --model runs/shapes-unet/checkpoints/last --pairs 84 --settings ddim:50 dpm++2m:25
     python evaluate.py --settings ddim:50 --reference none --out results.json --videos eval_videos/
+    python evaluate.py --probe 16 --settings none            # only: which caption words does the model read?
 
 A setting is SAMPLER:STEPS[:SPACING] (samplers as in sample.py: ddim, dpm++2m, dpm++2m-sde, dpm++3m;
 spacing leading | linspace | trailing, default the checkpoint's own). Pair i is
 (prompt, seed) with the grammar's 84 prompts in a fixed shuffled order and seed i, so a video is exactly
 what `python sample.py prompt=<prompt> seed=<seed> sampler=... steps=...` writes. The error is the mean
 absolute difference of the frames (in [0, 1]) from the reference setting's frames of the same pair, over
-the first --reference-pairs pairs. Prints a Markdown table; --out writes everything as JSON.
+the first --reference-pairs pairs. --probe N adds the caption probe (shapes_eval.caption_probe): the
+training loss on N held-out clips at high noise with the true caption and with one word swapped, which
+tells a word the model ignores from one it reads. Prints Markdown tables; --out writes everything as JSON.
 """
 
 from __future__ import annotations
@@ -47,17 +50,24 @@ def parse_setting(text: str) -> tuple[str, int, str | None]:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
+def parse_setting_or_none(text: str) -> tuple[str, int, str | None] | None:
+    return None if text == "none" else parse_setting(text)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="shapes", help="bundled model name, folder or hub id (default: shapes)")
     p.add_argument("--pairs", type=int, default=84, help="prompt/seed pairs (default 84: every prompt once)")
     p.add_argument("--seed0", type=int, default=0, help="seed of the first pair")
-    p.add_argument("--settings", nargs="+", type=parse_setting, default=[parse_setting(s) for s in DEFAULT_SETTINGS],
-                   help=f"SAMPLER:STEPS settings to measure (default: {' '.join(DEFAULT_SETTINGS)})")
+    p.add_argument("--settings", nargs="+", type=parse_setting_or_none,
+                   default=[parse_setting(s) for s in DEFAULT_SETTINGS],
+                   help=f"SAMPLER:STEPS settings to measure, or 'none' (default: {' '.join(DEFAULT_SETTINGS)})")
     p.add_argument("--guidance", type=float, default=9.0, help="classifier-free guidance scale (default 9)")
     p.add_argument("--reference", default="ddim:1000:trailing",
                    help="reference setting, or 'none' (default ddim:1000:trailing: every timestep, 999 to 0)")
     p.add_argument("--reference-pairs", type=int, default=12, help="pairs the reference is run for (default 12)")
+    p.add_argument("--probe", type=int, default=0, metavar="N",
+                   help="also run the caption probe on N held-out clips (default 0: no probe)")
     p.add_argument("--batch-size", type=int, default=12)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
@@ -69,11 +79,12 @@ def run(args: argparse.Namespace) -> dict:
     from modelscope_t2v.pipelines import TextToVideoSDPipeline
     from modelscope_t2v.video_io import export_to_video
 
-    if args.pairs < 1 or args.batch_size < 1 or args.reference_pairs < 0:
-        raise ValueError("--pairs and --batch-size must be >= 1 and --reference-pairs >= 0")
+    if args.pairs < 1 or args.batch_size < 1 or args.reference_pairs < 0 or args.probe < 0:
+        raise ValueError("--pairs and --batch-size must be >= 1, --reference-pairs and --probe >= 0")
+    settings = [s for s in args.settings if s is not None]
     if args.reference_pairs > args.pairs:
         raise ValueError(f"--reference-pairs ({args.reference_pairs}) must be <= --pairs ({args.pairs})")
-    reference = None if args.reference == "none" else parse_setting(args.reference)
+    reference = None if args.reference == "none" or not settings else parse_setting(args.reference)
     if args.threads:
         torch.set_num_threads(args.threads)
     pipe = TextToVideoSDPipeline.from_pretrained(args.model)
@@ -97,7 +108,10 @@ def run(args: argparse.Namespace) -> dict:
         readings = [se.read_video(v) for v in ref_videos]
         result["reference_result"] = {
             "accuracy": se.accuracy(prompts[:args.reference_pairs], readings), "seconds": seconds}
-    for sampler, steps, spacing in args.settings:
+    if args.probe:
+        print(f"caption probe on {args.probe} held-out clips ...", file=sys.stderr, flush=True)
+        result["probe"] = se.caption_probe(pipe, args.probe)
+    for sampler, steps, spacing in settings:
         print(f"{sampler}:{steps} on {args.pairs} pairs ...", file=sys.stderr, flush=True)
         vids, seconds = videos((sampler, steps, spacing), pairs)
         readings = [se.read_video(v) for v in vids]
@@ -135,6 +149,16 @@ def table(result: dict) -> str:
     return "\n".join(lines)
 
 
+def probe_table(probe: dict) -> str:
+    loss = probe["loss"]
+    ts = sorted(next(iter(loss.values())), reverse=True)
+    lines = ["| caption | " + " | ".join(f"loss at t={t}" for t in ts) + " |", "|---|" + "---:|" * len(ts)]
+    lines += [f"| {v} | " + " | ".join(f"{loss[v][t]:.4f}" for t in ts) + " |" for v in loss]
+    lines.append(f"\nframe variance of the x0 estimate at t={ts[0]}: {probe['frame_variation']:.4f} "
+                 f"(of the clean latents: {probe['data_frame_variation']:.4f})")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -143,7 +167,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"{result['model']}: {result['pairs']} prompt/seed pairs, guidance {result['guidance']}")
-    print(table(result))
+    if result["settings"]:
+        print(table(result))
+    if "probe" in result:
+        print(probe_table(result["probe"]))
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         tmp = args.out.with_suffix(args.out.suffix + ".tmp")

@@ -205,3 +205,87 @@ def heldout_videos(n: int, num_frames: int = 16, size: int = 64) -> list[tuple[s
 
     ds = ShapesDataset(n, num_frames=num_frames, height=size, width=size, seed=HELDOUT_SEED)
     return [(item["caption"], item["pixels"]) for item in (ds[i] for i in range(n))]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Which words of the caption does a model use? Its denoising loss on held-out clips with the true caption
+# and with one word swapped: a word the model reads costs loss when it is wrong; a word it ignores costs
+# nothing. At high noise (where only the caption can tell the layout) this shows what generation can
+# follow; sampling accuracy alone cannot tell "ignored" from "read but not enough".
+
+_OPPOSITE = {"left": "right", "right": "left", "up": "down", "down": "up"}
+_PERPENDICULAR = {"left": "up", "right": "down", "up": "left", "down": "right"}
+PROBE_VARIANTS = ("right", "opposite", "perpendicular", "other_color", "other_shape", "empty")
+
+
+def probe_caption(caption: str, variant: str) -> str:
+    """`caption` with one word swapped as `variant` says ("right": unchanged; "opposite" /
+    "perpendicular": the direction; "other_color" / "other_shape": the next one in COLORS / SHAPES;
+    "empty": "")."""
+    color, shape, direction = parse_shapes_caption(caption)
+    if variant not in PROBE_VARIANTS:
+        raise ValueError(f"variant must be one of {PROBE_VARIANTS}, got {variant!r}")
+    if variant == "empty":
+        return ""
+    if variant in ("opposite", "perpendicular"):
+        if direction is None:
+            raise ValueError(f"caption {caption!r} has no direction to swap")
+        direction = (_OPPOSITE if variant == "opposite" else _PERPENDICULAR)[direction]
+    elif variant == "other_color":
+        color = COLORS[(COLORS.index(color) + 1) % len(COLORS)]
+    elif variant == "other_shape":
+        shape = SHAPES[(SHAPES.index(shape) + 1) % len(SHAPES)]
+    return shapes_caption(color, shape, direction)
+
+
+def caption_probe(pipe, n: int = 16, timesteps: Sequence[int] = (999, 950, 900, 800), *, seed: int = 0,
+                  variants: Sequence[str] = PROBE_VARIANTS) -> dict:
+    """The training objective (MSE to eps or v, as the checkpoint's scheduler predicts) on `n` held-out
+    clips at each timestep, with the noise fixed, for the true caption and each swapped variant.
+
+    Returns {"loss": {variant: {t: mse}}, "frame_variation": float, "data_frame_variation": float}: the last
+    two are the variance over frames of the model's x0 estimate at the highest timestep (per clip, averaged)
+    and of the clean latents; a model that draws every clip static at the start of sampling has the first
+    near 0 whatever the second."""
+    import torch
+
+    from .samplers import add_noise, velocity
+    from .schedulers import DDIMScheduler
+
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    for v in variants:
+        if v not in PROBE_VARIANTS:
+            raise ValueError(f"variants must be among {PROBE_VARIANTS}, got {v!r}")
+    sched = DDIMScheduler.from_config(pipe.scheduler.config)
+    ac = sched.alphas_cumprod
+    if not all(0 <= int(t) < len(ac) for t in timesteps) or not len(timesteps):
+        raise ValueError(f"timesteps must be in [0, {len(ac)}), got {list(timesteps)}")
+    prediction = sched.config.prediction_type
+    device = pipe._execution_device
+    clips = heldout_videos(n)
+    captions = [c for c, _ in clips]
+    with torch.no_grad(), pipe._cpu_precision():  # half weights on a CPU: computed in float32
+        dtype = pipe.dtype
+        pixels = torch.stack([x for _, x in clips]).to(device, dtype)  # b c f h w
+        latents = pipe.vae.encode(pixels).mean.float() * pipe.vae.config.scaling_factor  # b c f h w
+        noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(seed)).to(device)  # b c f h w
+        text = {v: pipe.encode_prompt([probe_caption(c, v) for c in captions], device, 1,
+                                      do_classifier_free_guidance=False)[0] for v in variants}  # b n d each
+        loss: dict[str, dict[int, float]] = {v: {} for v in variants}
+        frame_variation = float("nan")
+        for t in sorted({int(t) for t in timesteps}, reverse=True):
+            ts = torch.full((n,), t, device=device)
+            noisy = add_noise(latents, noise, ac.to(device), ts)  # b c f h w
+            target = noise if prediction == "epsilon" else velocity(latents, noise, ac.to(device), ts)
+            for v in variants:
+                pred = pipe.unet(noisy.to(dtype), ts, text[v].to(dtype)).float()  # b c f h w
+                loss[v][t] = float(((pred - target) ** 2).mean())
+                if v == variants[0] and t == max(int(t) for t in timesteps):
+                    a, s = ac[t].sqrt().to(device), (1 - ac[t]).sqrt().to(device)
+                    if prediction == "epsilon":  # (x_t - s eps) / a; undefined at zero SNR
+                        x0 = (noisy - s * pred) / a if a > 0 else torch.full_like(pred, float("nan"))
+                    else:
+                        x0 = a * noisy - s * pred  # b c f h w
+                    frame_variation = float(x0.var(dim=2).mean())
+    return {"loss": loss, "frame_variation": frame_variation, "data_frame_variation": float(latents.var(dim=2).mean())}

@@ -87,3 +87,37 @@ def test_evaluate_script_rejects_bad_arguments_before_loading_anything():
     assert bad.returncode == 2 and "sampler='euler' is not known" in bad.stderr
     bad = run("--pairs", "4", "--reference-pairs", "8")
     assert bad.returncode == 2 and "--reference-pairs (8) must be <= --pairs (4)" in bad.stderr
+    bad = run("--probe", "-1")
+    assert bad.returncode == 2 and "--probe >= 0" in bad.stderr
+
+
+def test_probe_captions_swap_exactly_one_word():
+    c = "a red circle moving left"
+    assert [se.probe_caption(c, v) for v in se.PROBE_VARIANTS] == [
+        c, "a red circle moving right", "a red circle moving up", "a green circle moving left",
+        "a red square moving left", ""]
+    assert se.probe_caption("a white triangle moving down", "other_color") == "a red triangle moving down"
+    with pytest.raises(ValueError, match="has no direction to swap"):
+        se.probe_caption("a red circle", "opposite")
+    with pytest.raises(ValueError, match="variant must be one of"):
+        se.probe_caption(c, "louder")
+
+
+def test_caption_probe_measures_what_the_caption_changes(monkeypatch):
+    """On the shipped model: a wrong colour and an empty caption cost loss at the noisiest step (measured
+    on 8 clips: 0.4528 and 0.4712 vs 0.3922 with the true caption); a caption-blind model (every prompt
+    embedded as the empty one) gets the same loss for every variant."""
+    from modelscope_t2v import TextToVideoSDPipeline
+
+    pipe = TextToVideoSDPipeline.from_pretrained("shapes")
+    r = se.caption_probe(pipe, n=4, timesteps=(999,))
+    loss = {v: d[999] for v, d in r["loss"].items()}
+    assert set(loss) == set(se.PROBE_VARIANTS) and all(np.isfinite(x) for x in loss.values())
+    assert loss["other_color"] > loss["right"] + 0.02 and loss["empty"] > loss["right"] + 0.02, loss
+    assert 0 <= r["frame_variation"] and r["data_frame_variation"] > 0.1, r
+    blind = pipe.encode_prompt
+    monkeypatch.setattr(pipe, "encode_prompt", lambda prompts, *a, **k: blind([""] * len(prompts), *a, **k))
+    flat = {v: d[999] for v, d in se.caption_probe(pipe, n=4, timesteps=(999,))["loss"].items()}
+    assert max(flat.values()) - min(flat.values()) < 1e-6, flat
+    with pytest.raises(ValueError, match=r"timesteps must be in \[0, 1000\)"):
+        se.caption_probe(pipe, n=1, timesteps=(1000,))
