@@ -89,6 +89,9 @@ class SourceConfig:
     kind: str = "shapes"  # "shapes" | "webvid" | "images" | "webdataset"
     # shapes: procedural moving shapes, no files
     shapes_image: bool = False  # the image variant: 1 frame, captions "a {color} {shape}"
+    # with shapes_image: the image is where a moving clip starts (its first frame), captioned with the
+    # direction it is about to move, "a {color} {shape} moving {direction}" (docs/shapes_model.md, stage 6)
+    shapes_image_start: bool = False
     shapes_length: int = 100_000  # virtual epoch size; sample i is a pure function of (shapes_seed, i)
     shapes_seed: int = 0  # which virtual data set (independent of the loader's shuffling seed)
     shapes_antialias: bool = True  # 1-pixel antialiased edges (interior pixels stay pure colour)
@@ -185,6 +188,8 @@ def _check_source(src: SourceConfig, where: str) -> None:
         raise ValueError(f"{where}.shapes_length must be >= 1, got {src.shapes_length}")
     if src.kind == "shapes" and int(src.shapes_seed) < 0:
         raise ValueError(f"{where}.shapes_seed must be >= 0, got {src.shapes_seed}")
+    if src.kind == "shapes" and src.shapes_image_start and not src.shapes_image:
+        raise ValueError(f"{where}.shapes_image_start=true needs {where}.shapes_image=true (images of clip starts)")
     if src.kind == "webdataset":
         if src.media not in MEDIA:
             raise ValueError(f"{where}.media must be one of {MEDIA}, got {src.media!r}")
@@ -389,7 +394,8 @@ class ShapesDataset(torch.utils.data.Dataset):
     """Procedural shapes, no files: sample i is a pure function of (seed, i) and the geometry.
 
     Videos: "a {color} {shape} moving {direction}", `num_frames` frames. Image variant (`image=True`):
-    "a {color} {shape}", one frame. Items: {"pixels": c f h w float in [-1, 1], "caption", "color",
+    "a {color} {shape}", one frame; with `image_start=True` the first frame of a moving clip instead,
+    captioned with its direction (where an object that moves that way starts). Items: {"pixels": c f h w float in [-1, 1], "caption", "color",
     "shape", "index"} plus "direction" for videos.
     """
 
@@ -403,9 +409,12 @@ class ShapesDataset(torch.utils.data.Dataset):
         height: int = 64,
         width: int = 64,
         image: bool = False,
+        image_start: bool = False,
         seed: int = 0,
         antialias: bool = True,
     ):
+        if image_start and not image:
+            raise ValueError("ShapesDataset image_start=True needs image=True (it makes images of clip starts)")
         for name, v in (("length", length), ("num_frames", num_frames), ("height", height), ("width", width)):
             if int(v) < 1:
                 raise ValueError(f"ShapesDataset {name} must be >= 1, got {v}")
@@ -413,6 +422,7 @@ class ShapesDataset(torch.utils.data.Dataset):
             raise ValueError(f"ShapesDataset seed must be >= 0, got {seed}")
         self.length, self.height, self.width = int(length), int(height), int(width)
         self.image, self.seed, self.antialias = bool(image), int(seed), bool(antialias)
+        self.image_start = bool(image_start)
         self.num_frames = 1 if self.image else int(num_frames)
         self.media = "image" if self.image else "video"
 
@@ -426,7 +436,8 @@ class ShapesDataset(torch.utils.data.Dataset):
         rng = np.random.default_rng([self.seed, int(self.image), index])
         color = COLORS[int(rng.integers(len(COLORS)))]
         shape = SHAPES[int(rng.integers(len(SHAPES)))]
-        direction = None if self.image else DIRECTIONS[int(rng.integers(len(DIRECTIONS)))]
+        moving = not self.image or self.image_start
+        direction = DIRECTIONS[int(rng.integers(len(DIRECTIONS)))] if moving else None
         return {"color": color, "shape": shape, "direction": direction}, rng
 
     def load(self, index: int, rng: np.random.Generator | None = None) -> tuple[Tensor, str, str]:
@@ -1030,7 +1041,8 @@ def _make_source(src: SourceConfig, geometry: _Geometry, *, batch_size: int, see
         return _StreamSource(src, g, **common)
     if src.kind == "shapes":
         dataset = ShapesDataset(src.shapes_length, num_frames=g.num_frames, height=g.height, width=g.width,
-                                image=src.shapes_image, seed=src.shapes_seed, antialias=src.shapes_antialias)
+                                image=src.shapes_image, image_start=src.shapes_image_start, seed=src.shapes_seed,
+                                antialias=src.shapes_antialias)
     elif src.kind == "webvid":
         dataset = WebVidDataset(src.csv, src.video_root, num_frames=g.num_frames, height=g.height, width=g.width,
                                 frame_stride=g.frame_stride, target_fps=g.target_fps, path_pattern=src.path_pattern,

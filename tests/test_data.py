@@ -24,6 +24,7 @@ from modelscope_t2v.data import (
     DIRECTIONS,
     SHAPES,
     DataConfig,
+    as_data_config,
     ImageFolderDataset,
     ShapesDataset,
     SourceConfig,
@@ -148,6 +149,29 @@ def test_shapes_image_variant_and_non_square():
     for bad in ("a red circle moving sideways", "a purple circle", "red circle", "a red hexagon moving up"):
         with pytest.raises(ValueError):
             parse_shapes_caption(bad)
+
+
+def test_shapes_start_images_are_first_frames_captioned_with_their_direction():
+    from modelscope_t2v.data import _render_shape_uint8
+
+    ds = ShapesDataset(400, image=True, image_start=True, seed=2)
+    starts = {d: [] for d in DIRECTIONS}
+    for i in range(400):
+        item = ds[i]
+        color, shape, direction = parse_shapes_caption(item["caption"])
+        assert item["pixels"].shape == (3, 1, 64, 64) and direction is not None
+        labels, rng = ds.describe(i)
+        clip = _render_shape_uint8(color, shape, direction, num_frames=16, height=64, width=64, rng=rng)
+        assert torch.equal(ds.load(i)[0][:, 0], clip[:, 0])  # the image is the clip's first frame
+        starts[direction].append(centroids(alpha_of(item["pixels"], color))[0] / 64)  # (x, y)
+    mean = {d: np.mean(v, axis=0) for d, v in starts.items()}
+    # a "moving right" object starts left of centre (and so on): the direction word alone says where
+    assert mean["right"][0] < 0.35 and mean["left"][0] > 0.65 and mean["down"][1] < 0.35 and mean["up"][1] > 0.65, mean
+    with pytest.raises(ValueError, match="image_start=True needs image=True"):
+        ShapesDataset(4, image_start=True)
+    with pytest.raises(ValueError, match=r"shapes_image_start=true needs DataConfig.image.shapes_image=true"):
+        check_data_config(DataConfig(kind="mixed", image=SourceConfig(shapes_image=False, shapes_image_start=True)))
+    check_data_config(as_data_config(OmegaConf.load(CONFIGS / "shapes_start_mixed.yaml")))
 
 
 def test_shapes_render_is_fast():
