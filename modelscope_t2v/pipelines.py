@@ -318,8 +318,9 @@ class TextToVideoSDPipeline:
 
     # -- text -------------------------------------------------------------------------------------------
 
-    @torch.no_grad()
     def _embed(self, prompts: list[str], device, clip_skip: int | None) -> torch.Tensor:
+        # no torch.no_grad here: as in diffusers, encode_prompt follows the caller's grad mode (the
+        # pipelines' __call__ runs under no_grad; training the text encoder needs the graph)
         ids = tokenize(self.tokenizer, prompts, match=self.tokenization).to(device)
         if clip_skip is None:
             return self.text_encoder(ids)[0]

@@ -54,6 +54,7 @@ from .ema import EMA, full_tensor
 from .pipelines import TextToVideoSDPipeline
 from .samplers import add_noise, cfg_model_fn, velocity
 from .schedulers import DDIMScheduler
+from .text import build_text_encoder
 from .unet import UNET_PRESETS, UNet3D, UNetConfig, unet_config_to_diffusers
 from .vae import VAE_PRESETS, AutoencoderKL, DiagonalGaussian, VAEConfig
 
@@ -122,6 +123,10 @@ class TrainerConfig:
     zero_terminal_snr: bool = False  # rescale betas to zero terminal SNR (Lin et al. 2023); needs v_prediction
     offset_noise: float = 0.0  # add offset_noise * N(0, 1) per (sample, channel), constant over frames and pixels
     caption_dropout: float = 0.1  # probability of training on "" (the unconditional branch of CFG)
+    # target unet: train the text encoder with it (one optimizer, EMA and checkpoint for both; one process,
+    # no text cache). Why: a frozen encoder whose embeddings barely carry a word leaves the UNet nothing
+    # to read it from (docs/shapes_model.md, stage 6)
+    train_text_encoder: bool = False
     # which timesteps a sample is trained at: "none" draws t uniformly; "later" / "earlier" multiply the
     # probability of the last / first `timestep_bias_portion` of the timesteps by `timestep_bias_multiplier`;
     # "range" that of [timestep_bias_begin, timestep_bias_end). (The names of diffusers' SDXL training
@@ -228,6 +233,11 @@ def check_config(cfg: TrainConfig) -> None:
                        "trainer.vae_kl_weight": t.vae_kl_weight, "trainer.weight_decay": t.weight_decay}.items():
         if value < 0:
             raise ConfigError(f"{key} must be >= 0, got {value}")
+    if t.train_text_encoder and t.target != "unet":
+        raise ConfigError("trainer.train_text_encoder=true needs trainer.target=unet")
+    if t.train_text_encoder and t.text_cache_size:
+        raise ConfigError(f"trainer.train_text_encoder=true needs trainer.text_cache_size=0 (the embeddings change "
+                          f"every step), got {t.text_cache_size}")
     if t.timestep_bias_strategy != "none":
         try:
             timestep_weights(1000, t.timestep_bias_strategy, t.timestep_bias_multiplier, t.timestep_bias_portion,
@@ -466,6 +476,36 @@ class _LRU(OrderedDict):
         return value
 
 
+class UNetWithTextEncoder(nn.Module):
+    """The UNet and the text encoder as one trained module (trainer.train_text_encoder), so that the
+    optimizer, gradient clipping, EMA and checkpoints treat both alike; parameter names are prefixed
+    `unet.` / `text_encoder.`. Called like the UNet: the text encoder runs in `_Frozen.trained_text` (the
+    pipeline's encode_prompt, which holds the same module)."""
+
+    def __init__(self, unet: UNet3D, text_encoder: nn.Module):
+        super().__init__()
+        self.unet, self.text_encoder = unet, text_encoder
+
+    @property
+    def config(self) -> UNetConfig:
+        return self.unet.config
+
+    def enable_gradient_checkpointing(self) -> None:
+        self.unet.enable_gradient_checkpointing()
+
+    def forward(self, *args, **kwargs) -> Tensor:
+        return self.unet(*args, **kwargs)
+
+
+def split_state(state: dict[str, Tensor]) -> dict[str, dict[str, Tensor]]:
+    """A UNetWithTextEncoder state dict -> {"unet": ..., "text_encoder": ...} without the prefixes."""
+    parts: dict[str, dict[str, Tensor]] = {"unet": {}, "text_encoder": {}}
+    for key, value in state.items():
+        head, _, rest = key.partition(".")
+        parts[head][rest] = value
+    return parts
+
+
 class _Frozen:
     """Text encoder and autoencoder, frozen; runs them under the training precision."""
 
@@ -477,6 +517,11 @@ class _Frozen:
     def autocast(self, amp: torch.dtype | None | str = "train"):
         amp = self.amp if amp == "train" else amp
         return torch.autocast(self.device.type, dtype=amp, enabled=amp is not None)
+
+    def trained_text(self, captions: list[str]) -> Tensor:
+        """The embeddings with the graph kept (trainer.train_text_encoder)."""
+        with self.autocast():
+            return self.pipe.encode_prompt(captions, self.device, 1, do_classifier_free_guidance=False)[0].float()
 
     @torch.no_grad()
     def text(self, captions: list[str]) -> Tensor:
@@ -556,7 +601,7 @@ def diffusion_loss(model: nn.Module, frozen: _Frozen, batch: dict, alphas_cumpro
     if t.caption_dropout > 0:
         drop = torch.rand(len(captions), generator=cpu) < t.caption_dropout
         captions = ["" if d else c for c, d in zip(captions, drop.tolist())]
-    text = frozen.text(captions)  # b n d
+    text = frozen.trained_text(captions) if t.train_text_encoder else frozen.text(captions)  # b n d
     scale = frozen.pipe.vae.config.scaling_factor
     latents = frozen.posterior(batch["pixels"]).sample(dev) * scale  # b c f h w
     noise = torch.randn(latents.shape, generator=dev, device=device)  # b c f h w
@@ -685,6 +730,9 @@ class _Run:
                 f"that run or choose another run_dir"
             )
         self.resume_from = resume_from if cfg.resume else None
+        self.trains_text = t.target == "unet" and t.train_text_encoder
+        if self.trains_text and d.world_size > 1:
+            raise ConfigError("trainer.train_text_encoder=true runs in one process only (not under torchrun)")
         state: dict[str, Any] = {}
         if self.resume_from is not None:
             state = ckpt.read_json(self.resume_from / "training_state" / "trainer_state.json")
@@ -695,6 +743,13 @@ class _Run:
             raw = loading.instantiate(cls, *read(self.resume_from / "raw", "diffusers"), torch.float32)
             ema_weights = getattr(pipe, t.target).state_dict() if state.get("ema") else None
             setattr(pipe, t.target, raw)
+            if self.trains_text:
+                text_ema = pipe.text_encoder.state_dict() if state.get("ema") else None
+                pipe.text_encoder = loading.instantiate(
+                    build_text_encoder, *loading.read_text_encoder(self.resume_from / "raw", "diffusers"), torch.float32)
+                if ema_weights is not None:
+                    ema_weights = {**{f"unet.{k}": v for k, v in ema_weights.items()},
+                                   **{f"text_encoder.{k}": v for k, v in text_ema.items()}}
             log.info("resuming %s from %s (step %d)", self.run_dir, self.resume_from.name, state["step"])
         else:
             if cfg.resume:
@@ -718,14 +773,15 @@ class _Run:
         self.alphas_cumprod = self.scheduler.alphas_cumprod.to(d.device)
         needed = ("vae", "text_encoder") if t.target == "unet" else ()
         for name in ("unet", "vae", "text_encoder"):
-            if name != t.target:
+            if name != t.target and not (self.trains_text and name == "text_encoder"):
                 getattr(pipe, name).eval().requires_grad_(False)
             if name in needed:
                 getattr(pipe, name).to(d.device)
         self.frozen = _Frozen(pipe, t, d.device, self.amp)
 
         # the trained module: float32 master weights, wrapped for several processes
-        module = getattr(pipe, t.target).to(d.device, torch.float32).train().requires_grad_(True)
+        module = UNetWithTextEncoder(pipe.unet, pipe.text_encoder) if self.trains_text else getattr(pipe, t.target)
+        module = module.to(d.device, torch.float32).train().requires_grad_(True)
         self.module = module
         if t.gradient_checkpointing:
             if hasattr(module, "enable_gradient_checkpointing"):
@@ -906,7 +962,13 @@ class _Run:
                 m.load_state_dict(state, strict=True, assign=True)
                 return m
 
-            shown = module_from({**raw, **ema} if ema is not None else raw)
+            full = {**raw, **ema} if ema is not None else raw
+            if self.trains_text:  # the text encoder is written beside the UNet, EMA and raw alike
+                text_config = self.pipe.text_encoder.config
+                parts, raw_parts = split_state(full), split_state(raw)
+                full, raw = parts["unet"], raw_parts["unet"]
+                shown_text = loading.instantiate(build_text_encoder, text_config, parts["text_encoder"], None)
+            shown = module_from(full)
             if t.target == "vae" and t.vae_fit_scaling_factor:
                 config = dataclasses.replace(config, scaling_factor=self._fit_scaling_factor(shown))
                 shown.config = config
@@ -916,13 +978,16 @@ class _Run:
                 "time": time.time(),
             }
 
-            frozen = [n for n in ("unet", "vae", "text_encoder", "tokenizer") if n != t.target]
+            trained = {t.target} | ({"text_encoder"} if self.trains_text else set())
+            frozen = [n for n in ("unet", "vae", "text_encoder", "tokenizer") if n not in trained]
             previous = self.last_saved if self.last_saved is not None and self.last_saved.is_dir() else None
             writer = loading.write_diffusers_unet if t.target == "unet" else loading.write_diffusers_vae
 
             def write(folder: Path) -> None:
                 if previous is None or not all((previous / n).is_dir() for n in frozen):
                     components = {**self.pipe.components, t.target: shown, "scheduler": self.scheduler}
+                    if self.trains_text:
+                        components["text_encoder"] = shown_text
                     TextToVideoSDPipeline(**components).save_pretrained(folder)
                 else:
                     # the frozen parts never change within a run: hard-link them from the previous
@@ -931,14 +996,18 @@ class _Run:
                     for name in frozen:
                         ckpt.link_tree(previous / name, folder / name)
                     writer(folder, config, shown.state_dict())
+                    if self.trains_text:
+                        loading.write_diffusers_text_encoder(folder, text_config, shown_text.state_dict())
                     loading.write_scheduler(folder, dict(self.scheduler.config))
                     loading.write_model_index(folder, TextToVideoSDPipeline.__name__, type(self.scheduler).__name__)
                 # raw/: the same pipeline with the raw weights (links to everything else)
                 raw_dir = folder / "raw"
                 if ema is not None:
                     writer(raw_dir, config, raw)
+                    if self.trains_text:
+                        loading.write_diffusers_text_encoder(raw_dir, text_config, raw_parts["text_encoder"])
                 for entry in list(folder.iterdir()):
-                    if entry.name != "raw" and (ema is None or entry.name != t.target):
+                    if entry.name != "raw" and (ema is None or entry.name not in trained):
                         ckpt.link_tree(entry, raw_dir / entry.name)
                 ts = folder / "training_state"
                 ts.mkdir()
@@ -1044,7 +1113,8 @@ class _Run:
         else:
             if not v.prompts:
                 return
-            pipe = TextToVideoSDPipeline(**{**self.pipe.components, "unet": self.module, "scheduler": self.scheduler})
+            # self.pipe holds the trained modules themselves (EMA weights swapped in by the caller)
+            pipe = TextToVideoSDPipeline(**{**self.pipe.components, "scheduler": self.scheduler})
             if hasattr(pipe, "set_progress_bar_config"):
                 pipe.set_progress_bar_config(disable=True)
             frames = v.num_frames or data.num_frames

@@ -444,6 +444,34 @@ def test_precisions_objectives_and_caches_run_and_resume(tmp_path):
     assert all(np.isfinite(r["loss"]) for r in metrics(bf16))
 
 
+def test_text_encoder_trains_with_the_unet_and_resumes_exactly(tmp_path):
+    """trainer.train_text_encoder: the checkpoint's text encoder (EMA, and raw/ beside it) moves off the
+    starting one, the pipeline loads it, and 2 + 2 steps equal 4 straight (both modules, optimizer)."""
+    common = BASE + ["trainer.train_text_encoder=true", "trainer.text_cache_size=0", "trainer.checkpoint_every=2"]
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    train(compose_cfg(common + ["trainer.max_steps=4", f"run_dir={straight}"]))
+    train(compose_cfg(common + ["trainer.max_steps=2", f"run_dir={split}"]))
+    train(compose_cfg(common + ["trainer.max_steps=4", f"run_dir={split}", "resume=true"]))
+    text = ["text_encoder/model.safetensors", "raw/text_encoder/model.safetensors"]
+    for name in WEIGHTS + text:
+        x, y = (load_file(str(r / "checkpoints" / "last" / name)) for r in (straight, split))
+        assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x), name
+    start = TextToVideoSDPipeline.from_preset("tiny", seed=3).text_encoder.state_dict()
+    last = straight / "checkpoints" / "last"
+    ema, raw = (TextToVideoSDPipeline.from_pretrained(p).text_encoder.state_dict() for p in (last, last / "raw"))
+    assert ema.keys() == raw.keys() == start.keys()
+    assert any(not torch.equal(raw[k], start[k]) for k in raw) and any(not torch.equal(ema[k], raw[k]) for k in raw)
+    # the frozen parts are still linked from the previous checkpoint; the trained text encoder is not
+    step2, step4 = straight / "checkpoints" / "step-00000002", last.resolve()
+    assert os.stat(step4 / "vae" / "diffusion_pytorch_model.safetensors").st_nlink > 1
+    assert os.stat(step4 / "text_encoder" / "model.safetensors").st_nlink == 1
+    assert load_file(str(step2 / text[0])).keys() == load_file(str(step4 / text[0])).keys()
+    with pytest.raises(ConfigError, match="train_text_encoder=true needs trainer.text_cache_size=0"):
+        check_config(compose_cfg(common + ["trainer.text_cache_size=8"]))
+    with pytest.raises(ConfigError, match="train_text_encoder=true needs trainer.target=unet"):
+        check_config(compose_cfg(common + ["trainer.target=vae"]))
+
+
 def test_autoencoder_alone_trains_and_loads(tmp_path):
     run = tmp_path / "run"
     train(compose_cfg(BASE + ["trainer=vae", "trainer.max_steps=30", "trainer.lr=2e-3", "trainer.batch_size=2",
