@@ -14,14 +14,16 @@ spacing leading | linspace | trailing, default the checkpoint's own). Pair i is
 what `python sample.py prompt=<prompt> seed=<seed> sampler=... steps=...` writes. The error is the mean
 absolute difference of the frames (in [0, 1]) from the reference setting's frames of the same pair, over
 the first --reference-pairs pairs. --probe N adds the caption probe (shapes_eval.caption_probe): the
-training loss on N held-out clips at high noise with the true caption and with one word swapped, which
-tells a word the model ignores from one it reads. Prints Markdown tables; --out writes everything as JSON.
+training loss on N held-out clips (and on N start images, where the direction word alone places the
+object) at high noise with the true caption and with one word swapped, which tells a word the model
+ignores from one it reads. Prints Markdown tables; --out writes everything as JSON.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from dataclasses import asdict
 from pathlib import Path
@@ -111,6 +113,7 @@ def run(args: argparse.Namespace) -> dict:
     if args.probe:
         print(f"caption probe on {args.probe} held-out clips ...", file=sys.stderr, flush=True)
         result["probe"] = se.caption_probe(pipe, args.probe)
+        result["probe_start_images"] = se.caption_probe(pipe, args.probe, start_images=True)
     for sampler, steps, spacing in settings:
         print(f"{sampler}:{steps} on {args.pairs} pairs ...", file=sys.stderr, flush=True)
         vids, seconds = videos((sampler, steps, spacing), pairs)
@@ -154,8 +157,9 @@ def probe_table(probe: dict) -> str:
     ts = sorted(next(iter(loss.values())), reverse=True)
     lines = ["| caption | " + " | ".join(f"loss at t={t}" for t in ts) + " |", "|---|" + "---:|" * len(ts)]
     lines += [f"| {v} | " + " | ".join(f"{loss[v][t]:.4f}" for t in ts) + " |" for v in loss]
-    lines.append(f"\nframe variance of the x0 estimate at t={ts[0]}: {probe['frame_variation']:.4f} "
-                 f"(of the clean latents: {probe['data_frame_variation']:.4f})")
+    if math.isfinite(probe["frame_variation"]):
+        lines.append(f"\nframe variance of the x0 estimate at t={ts[0]}: {probe['frame_variation']:.4f} "
+                     f"(of the clean latents: {probe['data_frame_variation']:.4f})")
     return "\n".join(lines)
 
 
@@ -170,7 +174,8 @@ def main(argv: list[str] | None = None) -> int:
     if result["settings"]:
         print(table(result))
     if "probe" in result:
-        print(probe_table(result["probe"]))
+        print("\ncaption probe, videos:\n" + probe_table(result["probe"]))
+        print("\ncaption probe, start images:\n" + probe_table(result["probe_start_images"]))
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         tmp = args.out.with_suffix(args.out.suffix + ".tmp")

@@ -199,11 +199,14 @@ def show_contact_sheet(videos, labels: Sequence[str], title: str, frames: int = 
 HELDOUT_SEED = 10_000  # a shapes_seed no training config uses
 
 
-def heldout_videos(n: int, num_frames: int = 16, size: int = 64) -> list[tuple[str, "torch.Tensor"]]:
-    """`n` (caption, clip c f h w in [-1, 1]) shapes videos from a data seed no training run uses."""
+def heldout_videos(n: int, num_frames: int = 16, size: int = 64, *, start_images: bool = False
+                   ) -> list[tuple[str, "torch.Tensor"]]:
+    """`n` (caption, clip c f h w in [-1, 1]) shapes videos from a data seed no training run uses; or,
+    with `start_images`, 1-frame clip starts captioned with their direction (data.ShapesDataset image_start)."""
     from .data import ShapesDataset
 
-    ds = ShapesDataset(n, num_frames=num_frames, height=size, width=size, seed=HELDOUT_SEED)
+    ds = ShapesDataset(n, num_frames=num_frames, height=size, width=size, seed=HELDOUT_SEED,
+                       image=start_images, image_start=start_images)
     return [(item["caption"], item["pixels"]) for item in (ds[i] for i in range(n))]
 
 
@@ -239,12 +242,14 @@ def probe_caption(caption: str, variant: str) -> str:
 
 
 def caption_probe(pipe, n: int = 16, timesteps: Sequence[int] = (999, 950, 900, 800), *, seed: int = 0,
-                  variants: Sequence[str] = PROBE_VARIANTS) -> dict:
+                  variants: Sequence[str] = PROBE_VARIANTS, start_images: bool = False) -> dict:
     """The training objective (MSE to eps or v, as the checkpoint's scheduler predicts) on `n` held-out
-    clips at each timestep, with the noise fixed, for the true caption and each swapped variant.
+    clips at each timestep, with the noise fixed, for the true caption and each swapped variant. With
+    `start_images` the clips are 1-frame starts of moving clips, where the direction word alone says
+    where the object is (no frame order needed).
 
     Returns {"loss": {variant: {t: mse}}, "frame_variation": float, "data_frame_variation": float}: the last
-    two are the variance over frames of the model's x0 estimate at the highest timestep (per clip, averaged)
+    two (NaN for start images) are the variance over frames of the model's x0 estimate at the highest timestep (per clip, averaged)
     and of the clean latents; a model that draws every clip static at the start of sampling has the first
     near 0 whatever the second."""
     import torch
@@ -263,7 +268,7 @@ def caption_probe(pipe, n: int = 16, timesteps: Sequence[int] = (999, 950, 900, 
         raise ValueError(f"timesteps must be in [0, {len(ac)}), got {list(timesteps)}")
     prediction = sched.config.prediction_type
     device = pipe._execution_device
-    clips = heldout_videos(n)
+    clips = heldout_videos(n, start_images=start_images)
     captions = [c for c, _ in clips]
     with torch.no_grad(), pipe._cpu_precision():  # half weights on a CPU: computed in float32
         dtype = pipe.dtype
@@ -287,5 +292,6 @@ def caption_probe(pipe, n: int = 16, timesteps: Sequence[int] = (999, 950, 900, 
                         x0 = (noisy - s * pred) / a if a > 0 else torch.full_like(pred, float("nan"))
                     else:
                         x0 = a * noisy - s * pred  # b c f h w
-                    frame_variation = float(x0.var(dim=2).mean())
-    return {"loss": loss, "frame_variation": frame_variation, "data_frame_variation": float(latents.var(dim=2).mean())}
+                    frame_variation = float(x0.var(dim=2).mean()) if x0.shape[2] > 1 else float("nan")
+    data_variation = float(latents.var(dim=2).mean()) if latents.shape[2] > 1 else float("nan")
+    return {"loss": loss, "frame_variation": frame_variation, "data_frame_variation": data_variation}

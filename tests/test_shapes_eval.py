@@ -119,5 +119,7 @@ def test_caption_probe_measures_what_the_caption_changes(monkeypatch):
     monkeypatch.setattr(pipe, "encode_prompt", lambda prompts, *a, **k: blind([""] * len(prompts), *a, **k))
     flat = {v: d[999] for v, d in se.caption_probe(pipe, n=4, timesteps=(999,))["loss"].items()}
     assert max(flat.values()) - min(flat.values()) < 1e-6, flat
+    images = se.caption_probe(pipe, n=2, timesteps=(999,), start_images=True, variants=("right", "empty"))
+    assert set(images["loss"]) == {"right", "empty"} and np.isnan(images["frame_variation"])
     with pytest.raises(ValueError, match=r"timesteps must be in \[0, 1000\)"):
         se.caption_probe(pipe, n=1, timesteps=(1000,))
