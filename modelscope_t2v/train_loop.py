@@ -195,7 +195,7 @@ _CHOICES = {
 
 
 # UNetConfig fields a run that starts from a checkpoint may change: they leave every tensor's shape alone
-CHECKPOINT_UNET_FIELDS = ("dropout", "temporal_position_embedding")
+CHECKPOINT_UNET_FIELDS = ("dropout", "temporal_position_embedding", "spatial_position_embedding")
 
 
 def check_config(cfg: TrainConfig) -> None:

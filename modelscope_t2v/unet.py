@@ -79,6 +79,12 @@ class UNetConfig:
     # only the temporal convs' zero padding tells frames apart (docs/shapes_model.md measures what
     # that costs a small model). Parameter-free: the weights of a checkpoint are the same either way.
     temporal_position_embedding: bool = False
+    # ours as well (default off): add fixed Fourier features of the pixel's place in the frame (centred
+    # x and y, sin and cos at 4 octaves from one cycle per two frames) inside every spatial transformer,
+    # after proj_in. Convolutions see absolute position only through zero padding, weakly; a caption
+    # that says where an object goes ("moving left" starts right of centre) needs features that tell
+    # left from right (docs/shapes_model.md). Parameter-free, like temporal_position_embedding.
+    spatial_position_embedding: bool = False
 
     def __post_init__(self) -> None:
         self.block_channels = tuple(int(c) for c in self.block_channels)
@@ -132,6 +138,22 @@ def timestep_embedding(timesteps: Tensor, dim: int, max_period: float = 10000.0)
     args = timesteps.float()[:, None] * freqs[None, :]  # b half
     emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)  # b (2 half)
     return F.pad(emb, (0, dim % 2))  # b dim
+
+
+def frame_position_features(height: int, width: int, dim: int, device=None) -> Tensor:
+    """(height * width, dim) float32: sin and cos of the centred coordinates u = (i + 0.5) / size - 0.5
+    (x, then y) at frequencies pi * 2^(3k / (q - 1)), k < q = dim // 4 (one cycle per two frames to four
+    per frame), zero-padded to dim. The same place in the frame gets the same features at every level."""
+    q = dim // 4
+    if q == 0:
+        return torch.zeros(height * width, dim, device=device)
+    freqs = math.pi * 2.0 ** (3.0 * torch.arange(q, dtype=torch.float32, device=device) / max(q - 1, 1))  # q
+    uy = (torch.arange(height, dtype=torch.float32, device=device) + 0.5) / height - 0.5  # h
+    ux = (torch.arange(width, dtype=torch.float32, device=device) + 0.5) / width - 0.5  # w
+    ax = (ux[:, None] * freqs).expand(height, width, q)  # h w q
+    ay = (uy[:, None] * freqs)[:, None].expand(height, width, q)  # h w q
+    emb = torch.cat([ax.sin(), ax.cos(), ay.sin(), ay.cos()], dim=-1).reshape(height * width, 4 * q)  # (h w) 4q
+    return F.pad(emb, (0, dim - 4 * q))  # (h w) dim
 
 
 # ---------------------------------------------------------------------------------------------
@@ -272,10 +294,12 @@ class TransformerBlock(nn.Module):
 
 
 class SpatialTransformer(nn.Module):
-    """Attention over the h*w pixels of each frame, cross-attending to the text."""
+    """Attention over the h*w pixels of each frame, cross-attending to the text; with
+    `position_embedding`, `frame_position_features` are added after proj_in."""
 
-    def __init__(self, ch: int, head_dim: int, context_dim: int, groups: int):
+    def __init__(self, ch: int, head_dim: int, context_dim: int, groups: int, position_embedding: bool = False):
         super().__init__()
+        self.position_embedding = position_embedding
         self.norm = nn.GroupNorm(groups, ch, eps=1e-6)
         self.proj_in = nn.Linear(ch, ch)
         self.block = TransformerBlock(ch, ch // head_dim, head_dim, context_dim)
@@ -283,8 +307,10 @@ class SpatialTransformer(nn.Module):
 
     def forward(self, x: Tensor, context: Tensor) -> Tensor:
         height, width = x.shape[-2:]
-        h = rearrange(self.norm(x), "n c h w -> n (h w) c")  # (b f) (h w) c
-        h = self.proj_out(self.block(self.proj_in(h), context))  # (b f) (h w) c
+        h = self.proj_in(rearrange(self.norm(x), "n c h w -> n (h w) c"))  # (b f) (h w) c
+        if self.position_embedding:
+            h = h + frame_position_features(height, width, h.shape[-1], h.device).to(h.dtype)  # + (h w) c
+        h = self.proj_out(self.block(h, context))  # (b f) (h w) c
         return x + rearrange(h, "n (h w) c -> n c h w", h=height, w=width)  # (b f) c h w
 
 
@@ -349,7 +375,8 @@ class SpaceTimeBlock(nn.Module):
         self.temporal_conv = TemporalConvBlock(out_ch, c.norm_groups, c.norm_eps, c.dropout)
         if attention:
             heads = out_ch // c.head_dim
-            self.spatial_attention = SpatialTransformer(out_ch, c.head_dim, c.cross_attention_dim, c.norm_groups)
+            self.spatial_attention = SpatialTransformer(out_ch, c.head_dim, c.cross_attention_dim, c.norm_groups,
+                                                        c.spatial_position_embedding)
             self.temporal_attention = TemporalTransformer(out_ch, heads, c.head_dim, c.norm_groups,
                                                           c.temporal_position_embedding)
         else:
@@ -578,7 +605,7 @@ _DIFFUSERS_KEYS = {
 }
 # ours-only extra keys, written only when not the default. diffusers ignores unknown config keys, so
 # it would run a folder with temporal_position_embedding=true without the embedding (a different model).
-_OURS_IN_DIFFUSERS = {"dropout": 0.1, "temporal_position_embedding": False}
+_OURS_IN_DIFFUSERS = {"dropout": 0.1, "temporal_position_embedding": False, "spatial_position_embedding": False}
 
 
 def unet_config_from_diffusers(d: Mapping[str, Any]) -> UNetConfig:
@@ -631,6 +658,7 @@ def unet_config_from_diffusers(d: Mapping[str, Any]) -> UNetConfig:
         dropout=d.get("dropout", 0.1),
         timestep_cond_dim=d.get("time_cond_proj_dim"),
         temporal_position_embedding=bool(d.get("temporal_position_embedding", False)),
+        spatial_position_embedding=bool(d.get("spatial_position_embedding", False)),
     )
 
 
@@ -669,7 +697,8 @@ def unet_config_to_diffusers(c: UNetConfig) -> dict:
 # only when a config differs from those values, read back by unet_config_from_original.
 _OURS_IN_ORIGINAL = {"unet_norm_groups": ("norm_groups", 32), "unet_norm_eps": ("norm_eps", 1e-5),
                      "unet_sample_size": ("sample_size", 32),
-                     "unet_temporal_position_embedding": ("temporal_position_embedding", False)}
+                     "unet_temporal_position_embedding": ("temporal_position_embedding", False),
+                     "unet_spatial_position_embedding": ("spatial_position_embedding", False)}
 
 
 def unet_config_to_original(c: UNetConfig) -> dict:

@@ -291,6 +291,37 @@ def test_temporal_position_embedding_tells_frames_apart(original_pair):
 
 
 @torch.no_grad()
+def test_spatial_position_embedding_tells_places_apart(original_pair):
+    """A spatial transformer is blind to where a pixel is (permuting the pixels permutes its output); with
+    the embedding it is not, and it tells left from right (sin features are odd about the centre).
+    Parameter-free: the same tensors load into either network; the flag survives both layouts' configs."""
+    from modelscope_t2v.unet import SpatialTransformer, frame_position_features
+
+    torch.manual_seed(0)
+    plain = perturb_(SpatialTransformer(32, 16, 24, 8)).eval()
+    placed = SpatialTransformer(32, 16, 24, 8, position_embedding=True).eval()
+    placed.load_state_dict(plain.state_dict(), strict=True)
+    x, ctx = torch.randn(2, 32, 4, 6), torch.randn(2, 5, 24)
+    perm = torch.randperm(24)
+
+    def permuted(y):
+        return y.flatten(2)[:, :, perm].reshape(y.shape)
+
+    assert max_diff(plain(permuted(x), ctx), permuted(plain(x, ctx))) <= 1e-5
+    assert max_diff(placed(permuted(x), ctx), permuted(placed(x, ctx))) > 1e-2
+    f = frame_position_features(4, 6, 32).reshape(4, 6, 32)
+    assert torch.allclose(f[:, :, :8], -f.flip(1)[:, :, :8], atol=1e-6)  # sin(x): odd under a left-right flip
+    assert torch.allclose(f[:, :, 8:16], f.flip(1)[:, :, 8:16], atol=1e-6)  # cos(x): even
+    model = UNet3D(dataclasses.replace(TINY, spatial_position_embedding=True)).eval()
+    model.load_state_dict(perturb_(UNet3D(TINY)).state_dict(), strict=True)
+    assert "spatial_position_embedding" not in unet_config_to_diffusers(TINY)
+    assert unet_config_from_diffusers(unet_config_to_diffusers(model.config)) == model.config
+    c = dataclasses.replace(TINY_ORIGINAL, spatial_position_embedding=True)
+    assert "unet_spatial_position_embedding" not in unet_config_to_original(TINY_ORIGINAL)
+    assert unet_config_from_original(unet_config_to_original(c), original_pair[0].state_dict()) == c
+
+
+@torch.no_grad()
 def test_fresh_temporal_convs_are_identity():
     torch.manual_seed(0)
     model = UNet3D(TINY).eval()
