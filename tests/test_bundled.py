@@ -62,19 +62,19 @@ def test_sample_py_writes_the_default_models_video(issue_command):
     assert reading.found and reading.color == "red", reading
 
 
-@pytest.mark.xfail(strict=True, reason="issue 5 is open: the shipped model draws a red circle, but moving down "
-                                      "(direction accuracy is far below the 95% target; docs/shapes_model.md)")
 def test_sample_py_draws_a_red_circle_moving_left(issue_command):
-    """Strict xfail: when a better model ships and this passes, the marker must go."""
+    """The issue's command reads back as asked with the shipped weights, but narrowly: the centroid drifts
+    (-0.234, +0.228) of the frame (left just beats down). Direction is at chance over the grammar (issue 5
+    is open, docs/shapes_model.md); this pins the shipped output, it does not show direction is learned."""
     r, out = issue_command
     reading = se.read_video(read_frames(out))
     assert (reading.color, reading.shape, reading.direction) == ("red", "circle", "left"), reading
 
 
 def test_accuracy_on_a_sample_of_the_grammar():
-    """A regression guard on the shipped weights, at their measured level (issue 5 is open: shape and
-    direction are still near chance). 14 pairs, DPM++ 2M 15 steps, guidance 9: measured colour 9/14,
-    shape 4/14, direction 4/14, an object in every video; a random-weight model draws noise."""
+    """A regression guard on the shipped weights, at their measured level (issue 5 is open: direction is
+    still at chance). 14 pairs, DPM++ 2M 15 steps, guidance 9: measured colour 13/14, shape 8/14,
+    direction 2/14, an object in every video; a random-weight model draws noise."""
     pipe = TextToVideoSDPipeline.from_pretrained("shapes")
     pipe.set_progress_bar_config(disable=True)
     pipe.scheduler = schedulers.make_sampler("dpm++2m", pipe.scheduler.config)
@@ -82,4 +82,4 @@ def test_accuracy_on_a_sample_of_the_grammar():
     readings = [se.read_video(v) for v in se.generate(pipe, pairs, steps=15, batch_size=7)]
     assert all(r.found for r in readings)
     acc = se.accuracy([p for p, _ in pairs], readings)
-    assert acc["color"] >= 0.5, acc
+    assert acc["color"] >= 0.75 and acc["shape"] >= 0.4, acc
