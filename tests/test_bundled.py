@@ -63,18 +63,18 @@ def test_sample_py_writes_the_default_models_video(issue_command):
 
 
 def test_sample_py_draws_a_red_circle_moving_left(issue_command):
-    """The issue's command reads back as asked with the shipped weights, but narrowly: the centroid drifts
-    (-0.234, +0.228) of the frame (left just beats down). Direction is at chance over the grammar (issue 5
-    is open, docs/shapes_model.md); this pins the shipped output, it does not show direction is learned."""
+    """The issue's command reads back as asked with the shipped weights: the centroid drifts (-0.63, +0.13)
+    of the frame (left, a little down). Direction reads right in 56 of 56 pairs at these settings
+    (docs/shapes_model.md); colour and shape less often (issue 5 is open)."""
     r, out = issue_command
     reading = se.read_video(read_frames(out))
     assert (reading.color, reading.shape, reading.direction) == ("red", "circle", "left"), reading
 
 
 def test_accuracy_on_a_sample_of_the_grammar():
-    """A regression guard on the shipped weights, at their measured level (issue 5 is open: direction is
-    still at chance). 14 pairs, DPM++ 2M 15 steps, guidance 9: measured colour 13/14, shape 8/14,
-    direction 2/14, an object in every video; a random-weight model draws noise."""
+    """A regression guard on the shipped weights, at their measured level (issue 5 is open: colour and
+    shape are below target). 14 pairs, DPM++ 2M 15 steps, guidance 9: measured colour 10/14, shape 8/14,
+    direction 14/14, an object in every video; a random-weight model draws noise."""
     pipe = TextToVideoSDPipeline.from_pretrained("shapes")
     pipe.set_progress_bar_config(disable=True)
     pipe.scheduler = schedulers.make_sampler("dpm++2m", pipe.scheduler.config)
@@ -82,4 +82,4 @@ def test_accuracy_on_a_sample_of_the_grammar():
     readings = [se.read_video(v) for v in se.generate(pipe, pairs, steps=15, batch_size=7)]
     assert all(r.found for r in readings)
     acc = se.accuracy([p for p, _ in pairs], readings)
-    assert acc["color"] >= 0.75 and acc["shape"] >= 0.4, acc
+    assert acc["direction"] >= 12 / 14 and acc["color"] >= 9 / 14 and acc["shape"] >= 6 / 14, acc
