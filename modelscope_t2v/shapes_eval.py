@@ -279,14 +279,15 @@ def caption_probe(pipe, n: int = 16, timesteps: Sequence[int] = (999, 950, 900, 
                                       do_classifier_free_guidance=False)[0] for v in variants}  # b n d each
         loss: dict[str, dict[int, float]] = {v: {} for v in variants}
         frame_variation = float("nan")
-        for t in sorted({int(t) for t in timesteps}, reverse=True):
+        order = sorted({int(t) for t in timesteps}, reverse=True)
+        for t in order:
             ts = torch.full((n,), t, device=device)
             noisy = add_noise(latents, noise, ac.to(device), ts)  # b c f h w
             target = noise if prediction == "epsilon" else velocity(latents, noise, ac.to(device), ts)
             for v in variants:
                 pred = pipe.unet(noisy.to(dtype), ts, text[v].to(dtype)).float()  # b c f h w
                 loss[v][t] = float(((pred - target) ** 2).mean())
-                if v == variants[0] and t == max(int(t) for t in timesteps):
+                if v == variants[0] and t == order[0]:  # the x0 estimate at the noisiest timestep
                     a, s = ac[t].sqrt().to(device), (1 - ac[t]).sqrt().to(device)
                     if prediction == "epsilon":  # (x_t - s eps) / a; undefined at zero SNR
                         x0 = (noisy - s * pred) / a if a > 0 else torch.full_like(pred, float("nan"))
