@@ -22,11 +22,14 @@ def main(argv=None) -> int:
     p.add_argument("--revision", default=None, help="hub revision of SRC")
     p.add_argument("--overwrite", action="store_true", help="replace an existing DST")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--default-guidance-scale", type=float, default=None, metavar="G",
+                   help="the guidance scale the pipelines use when a call gives none, written to model_index.json "
+                        "(diffusers layout only; default: SRC's, if it has one)")
     a = p.parse_args(argv)
     try:
         out = convert_checkpoint(
             a.src, a.dst, a.to, variant=a.variant, dtype=a.dtype, revision=a.revision,
-            overwrite=a.overwrite, progress=not a.quiet,
+            overwrite=a.overwrite, progress=not a.quiet, default_guidance_scale=a.default_guidance_scale,
         )
     except (ValueError, FileExistsError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -64,7 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--settings", nargs="+", type=parse_setting_or_none,
                    default=[parse_setting(s) for s in DEFAULT_SETTINGS],
                    help=f"SAMPLER:STEPS settings to measure, or 'none' (default: {' '.join(DEFAULT_SETTINGS)})")
-    p.add_argument("--guidance", type=float, default=9.0, help="classifier-free guidance scale (default 9)")
+    p.add_argument("--guidance", type=float, default=None,
+                   help="classifier-free guidance scale (default: the model's default_guidance_scale, else 9)")
     p.add_argument("--reference", default="ddim:1000:trailing",
                    help="reference setting, or 'none' (default ddim:1000:trailing: every timestep, 999 to 0)")
     p.add_argument("--reference-pairs", type=int, default=12, help="pairs the reference is run for (default 12)")
@@ -97,10 +98,11 @@ def run(args: argparse.Namespace) -> dict:
 
     def videos(setting, subset):
         sampler, steps, spacing = setting
-        return se.run_setting(pipe, subset, sampler, steps, config=released, guidance=args.guidance,
+        return se.run_setting(pipe, subset, sampler, steps, config=released, guidance=guidance,
                               spacing=spacing, batch_size=args.batch_size)
 
-    result = {"model": str(args.model), "pairs": args.pairs, "guidance": args.guidance,
+    guidance = pipe._guidance(args.guidance, 9.0)
+    result = {"model": str(args.model), "pairs": args.pairs, "guidance": guidance,
               "reference": args.reference, "reference_pairs": args.reference_pairs if reference else 0,
               "settings": []}
     ref_videos = None

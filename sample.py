@@ -56,7 +56,7 @@ class UpscaleConfig:
     width: int = 1024  # resized frame size (multiples of 8); zeroscope XL was trained at 1024x576
     height: int = 576
     steps: Optional[int] = None  # null: the first pass's `steps`; strength * steps of them run
-    guidance: float = 15.0  # classifier-free guidance scale of the pass (diffusers' video-to-video default)
+    guidance: Optional[float] = None  # guidance scale of the pass; null: the model's default, else 15 (diffusers')
 
 
 @dataclass
@@ -66,7 +66,8 @@ class SampleConfig:
     model: str = DEFAULT_MODEL  # bundled model, preset (random weights!), local folder (either layout) or hub id
     sampler: str = "ddim"  # ddim | dpm++2m | dpm++2m-sde | dpm++3m (spaces, case and '_' are ignored)
     steps: int = 50  # number of denoising steps
-    guidance: float = 9.0  # classifier-free guidance scale (<= 1 switches guidance off)
+    guidance: Optional[float] = None  # classifier-free guidance scale (<= 1 switches it off); null: the model's
+    # default_guidance_scale (its model_index.json; the bundled shapes model's), else 9.0 (diffusers')
     spacing: Optional[str] = None  # leading | linspace | trailing; null: the sampler's own default
     eta: float = 0.0  # DDIM's stochasticity (0: deterministic); ignored by the DPM-Solver samplers
     num_frames: int = 16
@@ -159,7 +160,8 @@ def validate(cfg: SampleConfig) -> None:
     _positive_int("steps", cfg.steps)
     if cfg.steps > 1000:
         raise ValueError(f"steps must be <= 1000 (the training schedule's length), got {cfg.steps}")
-    _finite("guidance", cfg.guidance, low=0.0)
+    if cfg.guidance is not None:
+        _finite("guidance", cfg.guidance, low=0.0)
     if cfg.spacing is not None and cfg.spacing not in SPACINGS:
         raise ValueError(f"spacing must be one of {list(SPACINGS)} or null, got {cfg.spacing!r}")
     _finite("eta", cfg.eta, low=0.0, high=1.0)
@@ -184,7 +186,8 @@ def validate(cfg: SampleConfig) -> None:
             _positive_int("upscale.steps", up.steps)
             if up.steps > 1000:
                 raise ValueError(f"upscale.steps must be <= 1000, got {up.steps}")
-        _finite("upscale.guidance", up.guidance, low=0.0)
+        if up.guidance is not None:
+            _finite("upscale.guidance", up.guidance, low=0.0)
 
 
 def as_config(cfg: SampleConfig | DictConfig | dict) -> SampleConfig:
@@ -255,13 +258,15 @@ def generate(cfg: SampleConfig | DictConfig | dict) -> Path:
     pipe.set_progress_bar_config(disable=not cfg.progress, file=sys.stderr)
     if cfg.vae_slicing:
         pipe.enable_vae_slicing()
-    log.info("model %s, sampler %s (%s spacing), %d steps, guidance %g, %d frames, %s, %s",
+    guidance = pipe._guidance(cfg.guidance, 9.0)
+    log.info("model %s, sampler %s (%s spacing), %d steps, guidance %g%s, %d frames, %s, %s",
              cfg.model, sampler_name(cfg.sampler), pipe.scheduler.config.timestep_spacing, cfg.steps,
-             cfg.guidance, cfg.num_frames, device, cfg.dtype)
+             guidance, " (the model's default)" if cfg.guidance is None and pipe.default_guidance_scale is not None
+             else "", cfg.num_frames, device, cfg.dtype)
     generator = torch.Generator("cpu").manual_seed(cfg.seed)
     frames = pipe(
         cfg.prompt, height=cfg.height, width=cfg.width, num_frames=cfg.num_frames,
-        num_inference_steps=cfg.steps, guidance_scale=cfg.guidance, negative_prompt=cfg.negative_prompt,
+        num_inference_steps=cfg.steps, guidance_scale=guidance, negative_prompt=cfg.negative_prompt,
         eta=cfg.eta, generator=generator, output_type="np",
     ).frames[0]  # f h w 3 in [0, 1]
 
@@ -269,6 +274,7 @@ def generate(cfg: SampleConfig | DictConfig | dict) -> Path:
     if up.model is not None:
         if up.model == cfg.model:
             upscaler = VideoToVideoSDPipeline(**pipe.components)  # same weights (and sampler): no second copy
+            upscaler.default_guidance_scale = pipe.default_guidance_scale
         else:
             del pipe  # free the first model before loading the second
             upscaler = load_pipeline(up.model, VideoToVideoSDPipeline, dtype).to(device)
@@ -277,11 +283,12 @@ def generate(cfg: SampleConfig | DictConfig | dict) -> Path:
         if cfg.vae_slicing:
             upscaler.enable_vae_slicing()
         steps = up.steps or cfg.steps
+        up_guidance = upscaler._guidance(up.guidance, 15.0)
         log.info("upscaling to %dx%d with %s: strength %g, %d of %d steps, guidance %g",
-                 up.width, up.height, up.model, up.strength, int(steps * up.strength), steps, up.guidance)
+                 up.width, up.height, up.model, up.strength, int(steps * up.strength), steps, up_guidance)
         frames = upscaler(
             cfg.prompt, video=resize_frames(frames, up.width, up.height), strength=up.strength,
-            num_inference_steps=steps, guidance_scale=up.guidance, negative_prompt=cfg.negative_prompt,
+            num_inference_steps=steps, guidance_scale=up_guidance, negative_prompt=cfg.negative_prompt,
             eta=cfg.eta, generator=generator, output_type="np",
         ).frames[0]
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -302,6 +303,28 @@ def pipeline_class_name(folder: Path, layout: str) -> str:
     return "TextToVideoSDPipeline"
 
 
+# The guidance scale a model was measured best at, which the pipelines use when a call gives none (ours,
+# like transformers' generation_config.json: a model trained here may need another scale than the
+# released ones' 9). diffusers passes model_index.json's keys to the pipeline's __init__ and logs and
+# drops the ones it does not take, so a folder carrying it still loads there (at diffusers' own default).
+DEFAULT_GUIDANCE_KEY = "default_guidance_scale"
+
+
+def check_guidance_scale(value, where: str) -> float:
+    """A guidance scale: a finite number >= 0 (<= 1 switches guidance off), as a float."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        raise ValueError(f"{where}: a guidance scale is a finite number >= 0, got {value!r}")
+    return float(value)
+
+
+def read_default_guidance_scale(folder: Path, layout: str) -> float | None:
+    """model_index.json's `default_guidance_scale`, or None (absent; the original layout has no place for it)."""
+    if layout != "diffusers":
+        return None
+    value = _read_json(folder / "model_index.json").get(DEFAULT_GUIDANCE_KEY)
+    return None if value is None else check_guidance_scale(value, f"{folder / 'model_index.json'}: {DEFAULT_GUIDANCE_KEY}")
+
+
 # ---------------------------------------------------------------------------------------------------
 # Building modules from (config, state) without a second copy of the weights.
 
@@ -378,19 +401,20 @@ def write_diffusers_text_encoder(folder: Path, config, state: dict, variant: str
     write_safetensors(folder / "text_encoder" / _weights_name(DIFFUSERS_WEIGHTS["text_encoder"], variant), out)
 
 
-def write_model_index(folder: Path, class_name: str = "TextToVideoSDPipeline", scheduler_class: str = "DDIMScheduler") -> None:
-    write_json(
-        folder / "model_index.json",
-        {
-            "_class_name": class_name,
-            "_diffusers_version": DIFFUSERS_VERSION,
-            "scheduler": ["diffusers", scheduler_class],
-            "text_encoder": ["transformers", "CLIPTextModel"],
-            "tokenizer": ["transformers", "CLIPTokenizer"],
-            "unet": ["diffusers", "UNet3DConditionModel"],
-            "vae": ["diffusers", "AutoencoderKL"],
-        },
-    )
+def write_model_index(folder: Path, class_name: str = "TextToVideoSDPipeline", scheduler_class: str = "DDIMScheduler",
+                      default_guidance_scale: float | None = None) -> None:
+    index = {
+        "_class_name": class_name,
+        "_diffusers_version": DIFFUSERS_VERSION,
+        "scheduler": ["diffusers", scheduler_class],
+        "text_encoder": ["transformers", "CLIPTextModel"],
+        "tokenizer": ["transformers", "CLIPTokenizer"],
+        "unet": ["diffusers", "UNet3DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+    }
+    if default_guidance_scale is not None:
+        index[DEFAULT_GUIDANCE_KEY] = check_guidance_scale(default_guidance_scale, DEFAULT_GUIDANCE_KEY)
+    write_json(folder / "model_index.json", index)
 
 
 def write_scheduler(folder: Path, scheduler_config: Mapping) -> None:
@@ -473,8 +497,12 @@ def convert_checkpoint(
     revision: str | None = None,
     overwrite: bool = False,
     progress: bool = True,
+    default_guidance_scale: float | None = None,
 ) -> Path:
     """Convert any supported layout (folder or hub id) into `to` ("diffusers" or "modelscope").
+
+    `default_guidance_scale` sets model_index.json's (the guidance the pipelines use when a call gives
+    none); None carries the source's. The original layout has no place for it.
 
     The result is assembled in a temporary sibling folder and moved into place at the end, so `dst`
     is either the old folder, or the complete new one. `variant` selects the source weights (e.g.
@@ -486,6 +514,11 @@ def convert_checkpoint(
         raise ValueError(f"to must be one of {LAYOUTS}, got {to!r}")
     if dtype is not None and dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    if default_guidance_scale is not None:
+        if to != "diffusers":
+            raise ValueError("default_guidance_scale: the original ModelScope layout has no place for it "
+                             "(only the diffusers layout's model_index.json)")
+        default_guidance_scale = check_guidance_scale(default_guidance_scale, "default_guidance_scale")
     dst = Path(dst)
     if dst.exists() and any(dst.iterdir()) and not overwrite:
         raise FileExistsError(f"{dst} exists and is not empty (pass overwrite=True / --overwrite)")
@@ -517,9 +550,16 @@ def convert_checkpoint(
                 if to == "diffusers":
                     write_tokenizer(tmp, read_tokenizer(folder, layout))
                     write_scheduler(tmp, read_scheduler_config(folder, layout))
-                    write_model_index(tmp, pipeline_class_name(folder, layout))
+                    guidance = default_guidance_scale
+                    if guidance is None:
+                        guidance = read_default_guidance_scale(folder, layout)
+                    write_model_index(tmp, pipeline_class_name(folder, layout), default_guidance_scale=guidance)
                 else:
                     max_frames = _ms_config(folder)[0].get("max_frames", 16) if layout == "modelscope" else 16
+                    dropped = read_default_guidance_scale(folder, layout)
+                    if dropped is not None:
+                        warnings.warn(f"{DEFAULT_GUIDANCE_KEY}={dropped:g} of {folder} is not carried: the original "
+                                      "ModelScope layout has no place for it", stacklevel=2)
                     write_modelscope_config(tmp, unet_config, max_frames)
             state = None  # free this component before reading the next
         if dst.exists():

@@ -95,6 +95,9 @@ class TextToVideoSDPipeline:
         # "open_clip": prompts tokenized as the model was trained (open_clip); "diffusers": exactly as
         # diffusers' pipeline does, which turns every "!" in a prompt into padding (text.tokenize).
         self.tokenization = "open_clip"
+        # The guidance scale a call without one uses; None: diffusers' defaults (text-to-video 9,
+        # video-to-video 15). from_pretrained reads it from model_index.json (loading.DEFAULT_GUIDANCE_KEY).
+        self.default_guidance_scale: float | None = None
 
     # -- loading and saving ---------------------------------------------------------------------------
 
@@ -123,6 +126,7 @@ class TextToVideoSDPipeline:
             raise TypeError(f"torch_dtype must be a torch.dtype, got {torch_dtype!r}")
         folder = loading.resolve(path_or_repo_id, revision=revision, variant=variant)
         layout = loading.detect_layout(folder)
+        default_guidance = loading.read_default_guidance_scale(folder, layout)  # checked before any weights load
         parts = dict(kwargs)
         if "unet" not in parts:
             parts["unet"] = loading.instantiate(UNet3D, *loading.read_unet(folder, layout, variant), torch_dtype)
@@ -139,6 +143,7 @@ class TextToVideoSDPipeline:
         pipe = cls(**parts)
         pipe.name_or_path = str(path_or_repo_id)
         pipe.model_index_class = loading.pipeline_class_name(folder, layout)
+        pipe.default_guidance_scale = default_guidance
         return pipe
 
     @classmethod
@@ -175,7 +180,8 @@ class TextToVideoSDPipeline:
         loading.write_diffusers_text_encoder(folder, self.text_encoder.config, state(self.text_encoder), variant)
         loading.write_tokenizer(folder, self.tokenizer)
         loading.write_scheduler(folder, dict(self.scheduler.config))
-        loading.write_model_index(folder, type(self).__name__, type(self.scheduler).__name__)
+        loading.write_model_index(folder, type(self).__name__, type(self.scheduler).__name__,
+                                  self.default_guidance_scale)
         return folder
 
     # -- devices ----------------------------------------------------------------------------------------
@@ -479,6 +485,12 @@ class TextToVideoSDPipeline:
             raise ValueError(f"decode_chunk_size must be a positive integer, got {decode_chunk_size!r}")
         return batch
 
+    def _guidance(self, guidance_scale: float | None, fallback: float) -> float:
+        """The call's guidance scale; if None, the model's default, else `fallback` (diffusers')."""
+        if guidance_scale is not None:
+            return guidance_scale
+        return fallback if self.default_guidance_scale is None else self.default_guidance_scale
+
     def _text_conditioning(self, prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, guidance_scale,
                            num_videos_per_prompt, clip_skip):
         cfg = guidance_scale > 1.0
@@ -589,14 +601,16 @@ class TextToVideoSDPipeline:
     ):
         """Generate videos (diffusers 0.42's arguments and defaults: guidance_scale 9.0; the last six are
         additions). Passing `video=` runs video-to-video whatever the folder's model_index.json names
-        (guidance then defaults to 15.0, as in diffusers' VideoToVideoSDPipeline).
+        (guidance then defaults to 15.0, as in diffusers' VideoToVideoSDPipeline). A model whose
+        model_index.json carries `default_guidance_scale` (the bundled shapes model) uses that instead
+        of either default when `guidance_scale` is not given.
 
         Noise is drawn exactly as diffusers draws it: the same `torch.Generator` gives the same video.
         """
         if video is not None:
             return VideoToVideoSDPipeline.__call__(
                 self, prompt, video=video, strength=strength, num_inference_steps=num_inference_steps,
-                guidance_scale=15.0 if guidance_scale is None else guidance_scale, negative_prompt=negative_prompt,
+                guidance_scale=guidance_scale, negative_prompt=negative_prompt,
                 eta=eta, generator=generator, latents=latents, prompt_embeds=prompt_embeds,
                 negative_prompt_embeds=negative_prompt_embeds, output_type=output_type, return_dict=return_dict,
                 callback=callback, callback_steps=callback_steps, cross_attention_kwargs=cross_attention_kwargs,
@@ -605,7 +619,7 @@ class TextToVideoSDPipeline:
                 callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
                 decode_chunk_size=decode_chunk_size,
             )
-        guidance_scale = 9.0 if guidance_scale is None else guidance_scale
+        guidance_scale = self._guidance(guidance_scale, 9.0)
         factor = self.vae_scale_factor
         height = height or self.unet.config.sample_size * factor
         width = width or self.unet.config.sample_size * factor
@@ -651,7 +665,7 @@ class VideoToVideoSDPipeline(TextToVideoSDPipeline):
         video=None,
         strength: float = 0.6,
         num_inference_steps: int = 50,
-        guidance_scale: float = 15.0,
+        guidance_scale: float | None = None,
         negative_prompt: str | list[str] | None = None,
         eta: float = 0.0,
         generator: torch.Generator | list[torch.Generator] | None = None,
@@ -669,11 +683,13 @@ class VideoToVideoSDPipeline(TextToVideoSDPipeline):
         callback_on_step_end_tensor_inputs: tuple[str, ...] = ("latents",),
         decode_chunk_size: int | None = None,
     ):
-        """Video-to-video with diffusers 0.42's arguments and defaults (strength 0.6, guidance 15).
+        """Video-to-video with diffusers 0.42's arguments and defaults (strength 0.6, guidance 15, or the
+        model's `default_guidance_scale`).
 
         `latents`, if given, are the already-noised starting latents at the first kept timestep (diffusers
         silently ignores them); otherwise the video is encoded and noised as diffusers does.
         """
+        guidance_scale = self._guidance(guidance_scale, 15.0)
         batch = self._check_common(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, num_inference_steps,
                                    guidance_scale, output_type, callback_steps, num_videos_per_prompt, decode_chunk_size)
         if not isinstance(strength, (int, float)) or not 0 <= strength <= 1:

@@ -126,12 +126,12 @@ def accuracy(prompts: Sequence[str], readings: Iterable[Reading]) -> dict[str, f
     return {k: float(np.mean([s[k] for s in scores])) for k in keys}
 
 
-def generate(pipe, pairs: Sequence[tuple[str, int]], *, steps: int, guidance: float = 9.0, batch_size: int = 8,
+def generate(pipe, pairs: Sequence[tuple[str, int]], *, steps: int, guidance: float | None = None, batch_size: int = 8,
              num_frames: int = 16, height: int | None = None, width: int | None = None,
              progress: bool = False) -> np.ndarray:
     """Videos for (prompt, seed) pairs with `pipe` as it is (its scheduler = the sampler): n f h w 3 in
-    [0, 1]. Pair i's noise comes from its own CPU generator seeded with its seed, so a video does not
-    depend on the batch it ran in, every sampler starts from the same noise for the same pair, and it is
+    [0, 1]; `guidance` None is the model's default. Pair i's noise comes from its own CPU generator
+    seeded with its seed, so a video does not depend on the batch it ran in, every sampler starts from the same noise for the same pair, and it is
     the video `python sample.py prompt=<prompt> seed=<seed>` writes."""
     import torch
 
@@ -148,7 +148,8 @@ def generate(pipe, pairs: Sequence[tuple[str, int]], *, steps: int, guidance: fl
     return np.concatenate(out)
 
 
-def run_setting(pipe, pairs: Sequence[tuple[str, int]], sampler: str, steps: int, *, config, guidance: float = 9.0,
+def run_setting(pipe, pairs: Sequence[tuple[str, int]], sampler: str, steps: int, *, config,
+                guidance: float | None = None,
                 spacing: str | None = None, batch_size: int = 12) -> tuple[np.ndarray, float]:
     """One sampler setting over (prompt, seed) pairs: `pipe.scheduler` becomes sampler `sampler` built from
     the checkpoint's scheduler `config` (`spacing` overrides its timestep spacing), then `generate`.

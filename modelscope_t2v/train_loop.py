@@ -90,7 +90,7 @@ class ValidationConfig:
     height: Optional[int] = None  # default: data.height
     width: Optional[int] = None  # default: data.width
     num_inference_steps: int = 25
-    guidance_scale: float = 9.0
+    guidance_scale: Optional[float] = None  # null: the model's default_guidance_scale, else 9.0
     seed: int = 0
     fps: int = 8
     # a low-variance loss on fixed batches (data seed + 1), fixed timesteps and fixed noise; it tracks
@@ -233,6 +233,10 @@ def check_config(cfg: TrainConfig) -> None:
                        "trainer.vae_kl_weight": t.vae_kl_weight, "trainer.weight_decay": t.weight_decay}.items():
         if value < 0:
             raise ConfigError(f"{key} must be >= 0, got {value}")
+    g = t.validation.guidance_scale
+    if g is not None and not (math.isfinite(g) and g >= 0):
+        raise ConfigError(f"trainer.validation.guidance_scale must be a finite number >= 0 (or null: the model's "
+                          f"default), got {g}")
     if t.train_text_encoder and t.target != "unet":
         raise ConfigError("trainer.train_text_encoder=true needs trainer.target=unet")
     if t.train_text_encoder and t.text_cache_size:
@@ -988,7 +992,9 @@ class _Run:
                     components = {**self.pipe.components, t.target: shown, "scheduler": self.scheduler}
                     if self.trains_text:
                         components["text_encoder"] = shown_text
-                    TextToVideoSDPipeline(**components).save_pretrained(folder)
+                    out = TextToVideoSDPipeline(**components)
+                    out.default_guidance_scale = self.pipe.default_guidance_scale  # carried from the start model
+                    out.save_pretrained(folder)
                 else:
                     # the frozen parts never change within a run: hard-link them from the previous
                     # checkpoint (no 1.7 GB rewrite of text encoder + autoencoder at full size); the rest
@@ -999,7 +1005,8 @@ class _Run:
                     if self.trains_text:
                         loading.write_diffusers_text_encoder(folder, text_config, shown_text.state_dict())
                     loading.write_scheduler(folder, dict(self.scheduler.config))
-                    loading.write_model_index(folder, TextToVideoSDPipeline.__name__, type(self.scheduler).__name__)
+                    loading.write_model_index(folder, TextToVideoSDPipeline.__name__, type(self.scheduler).__name__,
+                                              self.pipe.default_guidance_scale)
                 # raw/: the same pipeline with the raw weights (links to everything else)
                 raw_dir = folder / "raw"
                 if ema is not None:
@@ -1115,13 +1122,15 @@ class _Run:
                 return
             # self.pipe holds the trained modules themselves (EMA weights swapped in by the caller)
             pipe = TextToVideoSDPipeline(**{**self.pipe.components, "scheduler": self.scheduler})
+            pipe.default_guidance_scale = self.pipe.default_guidance_scale
+            guidance = pipe._guidance(v.guidance_scale, 9.0)
             if hasattr(pipe, "set_progress_bar_config"):
                 pipe.set_progress_bar_config(disable=True)
             frames = v.num_frames or data.num_frames
             height, width = v.height or data.height, v.width or data.width
             for i, prompt in enumerate(v.prompts):
                 gen = torch.Generator(self.d.device).manual_seed(v.seed + i)
-                video = _generate(pipe, prompt, frames, height, width, v.num_inference_steps, v.guidance_scale, gen)
+                video = _generate(pipe, prompt, frames, height, width, v.num_inference_steps, guidance, gen)
                 videos.append(video)
         if not self.d.main:
             return

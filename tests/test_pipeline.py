@@ -368,3 +368,83 @@ def test_offload_machinery_runs_and_leaves_output_unchanged(folder, mode):
     assert float(np.abs(out - base).max()) <= 1e-6
     hooks = sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m in pipe.unet.modules())
     assert hooks == 0 and pipe.device.type == "cpu"
+
+
+# ---------------------------------------------------------------------------------------------------
+# A model's own default guidance scale (model_index.json's default_guidance_scale)
+
+
+def _with_default_guidance(src, dst, value):
+    import json
+    import shutil
+
+    shutil.copytree(src, dst)
+    index = json.loads((dst / "model_index.json").read_text())
+    index["default_guidance_scale"] = value
+    (dst / "model_index.json").write_text(json.dumps(index))
+    return dst
+
+
+def _index(folder):
+    import json
+
+    return json.loads((folder / "model_index.json").read_text())
+
+
+def test_default_guidance_scale_is_the_models_own(folder, tmp_path):
+    """A call without guidance_scale uses the folder's default_guidance_scale (text-to-video and
+    video-to-video); a folder without one keeps diffusers' 9 and 15; diffusers loads either folder."""
+    import diffusers
+
+    g_folder = _with_default_guidance(folder, tmp_path / "g", 2.5)
+    pipe, plain = TextToVideoSDPipeline.from_pretrained(g_folder), TextToVideoSDPipeline.from_pretrained(folder)
+    assert (pipe.default_guidance_scale, plain.default_guidance_scale) == (2.5, None)
+    for p in (pipe, plain):
+        p.set_progress_bar_config(disable=True)
+
+    def frames(p, **kw):
+        return p("a cat", generator=_gen(0), **KW, **kw).frames
+
+    assert np.array_equal(frames(pipe), frames(pipe, guidance_scale=2.5))
+    assert not np.allclose(frames(pipe), frames(pipe, guidance_scale=9.0), atol=1e-3)
+    assert np.array_equal(frames(plain), frames(plain, guidance_scale=9.0))
+    video = np.random.default_rng(0).random((4, 32, 32, 3), dtype=np.float32)
+    v2v = VideoToVideoSDPipeline.from_pretrained(g_folder)
+    v2v.set_progress_bar_config(disable=True)
+    kw = dict(video=video, strength=0.8, num_inference_steps=5)
+    assert np.array_equal(v2v("a cat", generator=_gen(1), **kw).frames,
+                          v2v("a cat", guidance_scale=2.5, generator=_gen(1), **kw).frames)
+    v2v.default_guidance_scale = None  # diffusers' video-to-video default
+    assert np.array_equal(v2v("a cat", generator=_gen(1), **kw).frames,
+                          v2v("a cat", guidance_scale=15.0, generator=_gen(1), **kw).frames)
+    assert isinstance(diffusers.TextToVideoSDPipeline.from_pretrained(g_folder), diffusers.TextToVideoSDPipeline)
+
+
+def test_default_guidance_scale_is_saved_and_converted(folder, tmp_path):
+    from modelscope_t2v.loading import convert_checkpoint
+
+    g_folder = _with_default_guidance(folder, tmp_path / "g", 2.5)
+    TextToVideoSDPipeline.from_pretrained(g_folder).save_pretrained(tmp_path / "saved")
+    assert _index(tmp_path / "saved")["default_guidance_scale"] == 2.5
+    assert "default_guidance_scale" not in _index(TextToVideoSDPipeline.from_pretrained(folder).save_pretrained(
+        tmp_path / "plain"))
+    convert_checkpoint(g_folder, tmp_path / "carried", "diffusers", progress=False)
+    assert _index(tmp_path / "carried")["default_guidance_scale"] == 2.5
+    convert_checkpoint(g_folder, tmp_path / "set", "diffusers", progress=False, default_guidance_scale=4)
+    assert _index(tmp_path / "set")["default_guidance_scale"] == 4.0
+    assert TextToVideoSDPipeline.from_pretrained(tmp_path / "set").default_guidance_scale == 4.0
+    with pytest.warns(UserWarning, match="default_guidance_scale=2.5 .* not carried"):
+        convert_checkpoint(g_folder, tmp_path / "ms", "modelscope", progress=False)
+    with pytest.raises(ValueError, match="no place for it"):
+        convert_checkpoint(folder, tmp_path / "ms2", "modelscope", progress=False, default_guidance_scale=4)
+    assert not (tmp_path / "ms2").exists()
+
+
+@pytest.mark.parametrize("bad", ["9", -1.0, float("nan"), True, [9]])
+def test_bad_default_guidance_scale_is_named_before_loading(folder, tmp_path, bad, monkeypatch):
+    from modelscope_t2v import loading
+
+    g_folder = _with_default_guidance(folder, tmp_path / "g", bad)
+    monkeypatch.setattr(loading, "read_unet", lambda *a, **k: pytest.fail("weights read before the check"))
+    with pytest.raises(ValueError, match=r"model_index.json: default_guidance_scale: a guidance scale is a finite"):
+        TextToVideoSDPipeline.from_pretrained(g_folder)

@@ -267,3 +267,28 @@ def test_default_out_is_unique_and_slugged(tmp_path):
     second = sample.default_out("An astronaut, riding a horse!!", now=0, folder=tmp_path)
     assert first.name.endswith("-an-astronaut-riding-a-horse.mp4")
     assert second != first and second.name.endswith("-an-astronaut-riding-a-horse-1.mp4")
+
+
+def test_guidance_null_is_the_models_default(ckpt, tmp_path, monkeypatch):
+    """guidance=null (the default): the model's default_guidance_scale where its model_index.json has
+    one (the bundled model's), else 9; the upscale pass likewise, else 15."""
+    import json
+    import shutil
+
+    from modelscope_t2v import pipelines
+
+    own = tmp_path / "own"
+    shutil.copytree(ckpt, own)
+    index = json.loads((own / "model_index.json").read_text())
+    (own / "model_index.json").write_text(json.dumps({**index, "default_guidance_scale": 3.0}))
+    seen = []
+    for cls in (pipelines.TextToVideoSDPipeline, pipelines.VideoToVideoSDPipeline):
+        real = cls.__call__
+        monkeypatch.setattr(cls, "__call__", lambda self, prompt, _real=real, _cls=cls, **kw: (
+            seen.append((_cls.__name__, kw["guidance_scale"])) or _real(self, prompt, **kw)))
+    up = dict(width=40, height=24, strength=0.5)
+    for model in (own, ckpt):
+        sample.generate(sample.SampleConfig(prompt="x", model=str(model), out=str(tmp_path / "v.mp4"), **TINY,
+                                            upscale=sample.UpscaleConfig(model=str(model), **up)))
+    assert seen == [("TextToVideoSDPipeline", 3.0), ("VideoToVideoSDPipeline", 3.0),
+                    ("TextToVideoSDPipeline", 9.0), ("VideoToVideoSDPipeline", 15.0)]

@@ -528,3 +528,20 @@ def test_a_checkpoint_takes_only_the_unet_fields_that_keep_its_tensors(trained_r
                                      f"run_dir={tmp_path / 'b'}"]))
     unet = TextToVideoSDPipeline.from_pretrained(last).unet
     assert unet.config.temporal_position_embedding and unet.temporal_attention_in.position_embedding
+
+
+def test_checkpoints_carry_the_start_models_default_guidance_scale(trained_run, tmp_path):
+    """A model started from a folder with default_guidance_scale writes it into every checkpoint (the first
+    is written whole, later ones link the frozen parts: both paths), EMA and raw."""
+    import shutil
+
+    start = tmp_path / "start"
+    shutil.copytree(trained_run / "checkpoints" / "last", start, ignore=shutil.ignore_patterns("training_state", "raw"))
+    index = json.loads((start / "model_index.json").read_text())
+    (start / "model_index.json").write_text(json.dumps({**index, "default_guidance_scale": 3.5}))
+    base = [o for o in BASE if not o.startswith("model=")] + [f"model={start}"]
+    last = train(compose_cfg(base + ["trainer.max_steps=2", "trainer.checkpoint_every=1", f"run_dir={tmp_path / 'r'}"]))
+    for step in ("step-00000001", "step-00000002"):
+        for folder in (tmp_path / "r" / "checkpoints" / step, tmp_path / "r" / "checkpoints" / step / "raw"):
+            assert TextToVideoSDPipeline.from_pretrained(folder).default_guidance_scale == 3.5, folder
+    assert TextToVideoSDPipeline.from_pretrained(last).default_guidance_scale == 3.5
