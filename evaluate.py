@@ -101,7 +101,7 @@ def run(args: argparse.Namespace) -> dict:
         return se.run_setting(pipe, subset, sampler, steps, config=released, guidance=guidance,
                               spacing=spacing, batch_size=args.batch_size)
 
-    guidance = pipe._guidance(args.guidance, 9.0)
+    guidance = pipe.resolve_guidance_scale(args.guidance)
     result = {"model": str(args.model), "pairs": args.pairs, "guidance": guidance,
               "reference": args.reference, "reference_pairs": args.reference_pairs if reference else 0,
               "settings": []}

@@ -258,7 +258,7 @@ def generate(cfg: SampleConfig | DictConfig | dict) -> Path:
     pipe.set_progress_bar_config(disable=not cfg.progress, file=sys.stderr)
     if cfg.vae_slicing:
         pipe.enable_vae_slicing()
-    guidance = pipe._guidance(cfg.guidance, 9.0)
+    guidance = pipe.resolve_guidance_scale(cfg.guidance)
     log.info("model %s, sampler %s (%s spacing), %d steps, guidance %g%s, %d frames, %s, %s",
              cfg.model, sampler_name(cfg.sampler), pipe.scheduler.config.timestep_spacing, cfg.steps,
              guidance, " (the model's default)" if cfg.guidance is None and pipe.default_guidance_scale is not None
@@ -283,7 +283,7 @@ def generate(cfg: SampleConfig | DictConfig | dict) -> Path:
         if cfg.vae_slicing:
             upscaler.enable_vae_slicing()
         steps = up.steps or cfg.steps
-        up_guidance = upscaler._guidance(up.guidance, 15.0)
+        up_guidance = upscaler.resolve_guidance_scale(up.guidance, video_to_video=True)
         log.info("upscaling to %dx%d with %s: strength %g, %d of %d steps, guidance %g",
                  up.width, up.height, up.model, up.strength, int(steps * up.strength), steps, up_guidance)
         frames = upscaler(

@@ -485,11 +485,14 @@ class TextToVideoSDPipeline:
             raise ValueError(f"decode_chunk_size must be a positive integer, got {decode_chunk_size!r}")
         return batch
 
-    def _guidance(self, guidance_scale: float | None, fallback: float) -> float:
-        """The call's guidance scale; if None, the model's default, else `fallback` (diffusers')."""
+    def resolve_guidance_scale(self, guidance_scale: float | None = None, *, video_to_video: bool = False) -> float:
+        """The scale a call with `guidance_scale` runs at: that one if given, else the model's
+        `default_guidance_scale`, else diffusers' default (9 for text-to-video, 15 for video-to-video)."""
         if guidance_scale is not None:
             return guidance_scale
-        return fallback if self.default_guidance_scale is None else self.default_guidance_scale
+        if self.default_guidance_scale is not None:
+            return self.default_guidance_scale
+        return 15.0 if video_to_video else 9.0
 
     def _text_conditioning(self, prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, guidance_scale,
                            num_videos_per_prompt, clip_skip):
@@ -619,7 +622,7 @@ class TextToVideoSDPipeline:
                 callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
                 decode_chunk_size=decode_chunk_size,
             )
-        guidance_scale = self._guidance(guidance_scale, 9.0)
+        guidance_scale = self.resolve_guidance_scale(guidance_scale)
         factor = self.vae_scale_factor
         height = height or self.unet.config.sample_size * factor
         width = width or self.unet.config.sample_size * factor
@@ -689,7 +692,7 @@ class VideoToVideoSDPipeline(TextToVideoSDPipeline):
         `latents`, if given, are the already-noised starting latents at the first kept timestep (diffusers
         silently ignores them); otherwise the video is encoded and noised as diffusers does.
         """
-        guidance_scale = self._guidance(guidance_scale, 15.0)
+        guidance_scale = self.resolve_guidance_scale(guidance_scale, video_to_video=True)
         batch = self._check_common(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, num_inference_steps,
                                    guidance_scale, output_type, callback_steps, num_videos_per_prompt, decode_chunk_size)
         if not isinstance(strength, (int, float)) or not 0 <= strength <= 1:

@@ -1123,7 +1123,7 @@ class _Run:
             # self.pipe holds the trained modules themselves (EMA weights swapped in by the caller)
             pipe = TextToVideoSDPipeline(**{**self.pipe.components, "scheduler": self.scheduler})
             pipe.default_guidance_scale = self.pipe.default_guidance_scale
-            guidance = pipe._guidance(v.guidance_scale, 9.0)
+            guidance = pipe.resolve_guidance_scale(v.guidance_scale)
             if hasattr(pipe, "set_progress_bar_config"):
                 pipe.set_progress_bar_config(disable=True)
             frames = v.num_frames or data.num_frames

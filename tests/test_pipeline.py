@@ -399,6 +399,9 @@ def test_default_guidance_scale_is_the_models_own(folder, tmp_path):
     g_folder = _with_default_guidance(folder, tmp_path / "g", 2.5)
     pipe, plain = TextToVideoSDPipeline.from_pretrained(g_folder), TextToVideoSDPipeline.from_pretrained(folder)
     assert (pipe.default_guidance_scale, plain.default_guidance_scale) == (2.5, None)
+    assert [pipe.resolve_guidance_scale(), pipe.resolve_guidance_scale(video_to_video=True), pipe.resolve_guidance_scale(7)
+            ] == [2.5, 2.5, 7]
+    assert [plain.resolve_guidance_scale(), plain.resolve_guidance_scale(video_to_video=True)] == [9.0, 15.0]
     for p in (pipe, plain):
         p.set_progress_bar_config(disable=True)
 
