@@ -131,8 +131,9 @@ def generate(pipe, pairs: Sequence[tuple[str, int]], *, steps: int, guidance: fl
              progress: bool = False) -> np.ndarray:
     """Videos for (prompt, seed) pairs with `pipe` as it is (its scheduler = the sampler): n f h w 3 in
     [0, 1]; `guidance` None is the model's default. Pair i's noise comes from its own CPU generator
-    seeded with its seed, so a video does not depend on the batch it ran in, every sampler starts from the same noise for the same pair, and it is
-    the video `python sample.py prompt=<prompt> seed=<seed>` writes."""
+    seeded with its seed, so a video does not depend on the batch it ran in, every sampler starts from
+    the same noise for the same pair, and it is the video `python sample.py prompt=<prompt> seed=<seed>`
+    writes."""
     import torch
 
     out = []
@@ -149,8 +150,8 @@ def generate(pipe, pairs: Sequence[tuple[str, int]], *, steps: int, guidance: fl
 
 
 def run_setting(pipe, pairs: Sequence[tuple[str, int]], sampler: str, steps: int, *, config,
-                guidance: float | None = None,
-                spacing: str | None = None, batch_size: int = 12) -> tuple[np.ndarray, float]:
+                guidance: float | None = None, spacing: str | None = None,
+                batch_size: int = 12) -> tuple[np.ndarray, float]:
     """One sampler setting over (prompt, seed) pairs: `pipe.scheduler` becomes sampler `sampler` built from
     the checkpoint's scheduler `config` (`spacing` overrides its timestep spacing), then `generate`.
     Returns the videos (n f h w 3 in [0, 1]) and the seconds they took."""

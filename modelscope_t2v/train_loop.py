@@ -233,10 +233,11 @@ def check_config(cfg: TrainConfig) -> None:
                        "trainer.vae_kl_weight": t.vae_kl_weight, "trainer.weight_decay": t.weight_decay}.items():
         if value < 0:
             raise ConfigError(f"{key} must be >= 0, got {value}")
-    g = t.validation.guidance_scale
-    if g is not None and not (math.isfinite(g) and g >= 0):
-        raise ConfigError(f"trainer.validation.guidance_scale must be a finite number >= 0 (or null: the model's "
-                          f"default), got {g}")
+    if t.validation.guidance_scale is not None:
+        try:
+            loading.check_guidance_scale(t.validation.guidance_scale, "trainer.validation.guidance_scale")
+        except ValueError as e:
+            raise ConfigError(f"{e} (or null: the model's default)") from None
     if t.train_text_encoder and t.target != "unet":
         raise ConfigError("trainer.train_text_encoder=true needs trainer.target=unet")
     if t.train_text_encoder and t.text_cache_size:

@@ -545,3 +545,10 @@ def test_checkpoints_carry_the_start_models_default_guidance_scale(trained_run, 
         for folder in (tmp_path / "r" / "checkpoints" / step, tmp_path / "r" / "checkpoints" / step / "raw"):
             assert TextToVideoSDPipeline.from_pretrained(folder).default_guidance_scale == 3.5, folder
     assert TextToVideoSDPipeline.from_pretrained(last).default_guidance_scale == 3.5
+
+
+@pytest.mark.parametrize("bad", ["-1", "nan", "inf"])
+def test_bad_validation_guidance_scale_is_refused_before_training(bad, tmp_path):
+    with pytest.raises(ConfigError, match=r"trainer.validation.guidance_scale: a guidance scale is a finite number"):
+        train(compose_cfg(BASE + [f"trainer.validation.guidance_scale={bad}", f"run_dir={tmp_path}"]))
+    assert not (tmp_path / "checkpoints").exists()
