@@ -9,7 +9,7 @@ cerspense/zeroscope_v2_576w; original: damo-vilab/modelscope-damo-text-to-video-
 import argparse
 import sys
 
-from modelscope_t2v.loading import DTYPES, LAYOUTS, convert_checkpoint
+from modelscope_t2v.formats import DTYPES, LAYOUTS, convert_checkpoint
 
 
 def main(argv=None) -> int:

@@ -1,6 +1,6 @@
 """Measure a shapes text-to-video model: generate videos for prompt/seed pairs of the shapes grammar, read
 them back (colour, shape from the bounding-box fill, direction from the centroid drift:
-modelscope_t2v/shapes_eval.py) and report accuracy per attribute for each sampler setting, plus each
+modelscope_t2v/eval/shapes.py) and report accuracy per attribute for each sampler setting, plus each
 setting's error against a many-step reference from the same noise.
 
     python evaluate.py                                   # the bundled model, the settings of docs/shapes_model.md
@@ -13,7 +13,7 @@ spacing leading | linspace | trailing, default the checkpoint's own). Pair i is
 (prompt, seed) with the grammar's 84 prompts in a fixed shuffled order and seed i, so a video is exactly
 what `python sample.py prompt=<prompt> seed=<seed> sampler=... steps=...` writes. The error is the mean
 absolute difference of the frames (in [0, 1]) from the reference setting's frames of the same pair, over
-the first --reference-pairs pairs. --probe N adds the caption probe (shapes_eval.caption_probe): the
+the first --reference-pairs pairs. --probe N adds the caption probe (eval.shapes.caption_probe): the
 training loss on N held-out clips (and on N start images, where the direction word alone places the
 object) at high noise with the true caption and with one word swapped, which tells a word the model
 ignores from one it reads. Prints Markdown tables; --out writes everything as JSON.
@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from modelscope_t2v import schedulers
-from modelscope_t2v import shapes_eval as se
+from modelscope_t2v.eval import shapes as se
 
 DEFAULT_SETTINGS = ["ddim:50", "dpm++2m:10", "dpm++2m:25"]
 

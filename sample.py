@@ -34,7 +34,9 @@ import torch
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 from modelscope_t2v import schedulers
-from modelscope_t2v.bundled import bundled_models
+from modelscope_t2v.diffusion.samplers import check_guidance_scale
+from modelscope_t2v.formats.locate import bundled_models
+from modelscope_t2v.models import UNET_PRESETS
 
 log = logging.getLogger("sample")
 
@@ -96,8 +98,6 @@ sampler_name = schedulers.sampler_name
 
 
 def presets() -> list[str]:
-    from modelscope_t2v.unet import UNET_PRESETS
-
     return sorted(UNET_PRESETS)
 
 
@@ -161,7 +161,7 @@ def validate(cfg: SampleConfig) -> None:
     if cfg.steps > 1000:
         raise ValueError(f"steps must be <= 1000 (the training schedule's length), got {cfg.steps}")
     if cfg.guidance is not None:
-        _finite("guidance", cfg.guidance, low=0.0)
+        check_guidance_scale(cfg.guidance, "guidance")
     if cfg.spacing is not None and cfg.spacing not in SPACINGS:
         raise ValueError(f"spacing must be one of {list(SPACINGS)} or null, got {cfg.spacing!r}")
     _finite("eta", cfg.eta, low=0.0, high=1.0)
@@ -187,7 +187,7 @@ def validate(cfg: SampleConfig) -> None:
             if up.steps > 1000:
                 raise ValueError(f"upscale.steps must be <= 1000, got {up.steps}")
         if up.guidance is not None:
-            _finite("upscale.guidance", up.guidance, low=0.0)
+            check_guidance_scale(up.guidance, "upscale.guidance")
 
 
 def as_config(cfg: SampleConfig | DictConfig | dict) -> SampleConfig:

@@ -8,7 +8,7 @@
 
 Groups: model (configs/model: tiny, ms-1.7b, zeroscope-576w, zeroscope-xl, checkpoint; `model=<folder or hub
 id>` is short for `model=checkpoint model.name_or_path=<...>`), data (configs/data), trainer (configs/trainer).
-Every key is typed (modelscope_t2v.train_loop.TrainConfig): a misspelt key or a wrong type is an error.
+Every key is typed (modelscope_t2v.training.TrainConfig): a misspelt key or a wrong type is an error.
 The run writes run_dir/checkpoints/{step-N,last}, metrics.jsonl, tensorboard/, validation/; see docs/training.md.
 """
 
@@ -23,7 +23,7 @@ from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf
 
-from modelscope_t2v.train_loop import ConfigError, NonFiniteLossError, TrainConfig, train
+from modelscope_t2v.training import ConfigError, NonFiniteLossError, TrainConfig, train
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 

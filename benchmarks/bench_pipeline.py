@@ -95,9 +95,9 @@ def build_checkpoint(args) -> Path:
     from transformers import CLIPTextConfig, CLIPTextModel
 
     from modelscope_t2v.schedulers import MODELSCOPE_T2V_SCHEDULER_CONFIG
-    from modelscope_t2v.text import TEXT_PRESETS, build_tokenizer
-    from modelscope_t2v.unet import UNetConfig, unet_config_to_diffusers
-    from modelscope_t2v.vae import VAEConfig, vae_config_to_diffusers
+    from modelscope_t2v.formats.unet_layout import unet_config_to_diffusers
+    from modelscope_t2v.formats.vae_layout import vae_config_to_diffusers
+    from modelscope_t2v.models import TEXT_PRESETS, UNetConfig, VAEConfig, build_tokenizer
 
     unet_cfg = UNetConfig(block_channels=channels(args.unet_channels, "--unet-channels"))  # released otherwise
     vae_cfg = VAEConfig(block_channels=channels(args.vae_channels, "--vae-channels"))

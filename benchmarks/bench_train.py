@@ -46,10 +46,10 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from modelscope_t2v.convert import apply_table, invert, shapes_of  # noqa: E402
-from modelscope_t2v.samplers import add_noise  # noqa: E402
-from modelscope_t2v.schedule import make_alphas_cumprod  # noqa: E402
-from modelscope_t2v.unet import UNET_PRESETS, UNet3D, UNetConfig, unet_config_to_diffusers, unet_diffusers_table  # noqa: E402
+from modelscope_t2v.diffusion.schedule import add_noise, make_alphas_cumprod  # noqa: E402
+from modelscope_t2v.formats.tables import apply_table, invert, shapes_of  # noqa: E402
+from modelscope_t2v.formats.unet_layout import unet_config_to_diffusers, unet_diffusers_table  # noqa: E402
+from modelscope_t2v.models.unet import UNET_PRESETS, UNet3D, UNetConfig  # noqa: E402
 
 IMPLS = ("ours", "diffusers")
 

@@ -12,48 +12,25 @@ import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, ClassVar
 
 import numpy as np
 import torch
 from einops import rearrange
 
-from . import loading
-from .text import build_text_encoder, tokenize
-from .unet import UNet3D
-from .vae import AutoencoderKL
+from .diffusion.noise import randn
+from .diffusion.samplers import cfg_model_fn
+from .formats import folders
+from .formats.locate import detect_layout, resolve
+from .formats.folders import released_scheduler_config
+from .models import TEXT_PRESETS, UNET_PRESETS, VAE_PRESETS, build_text_encoder, build_tokenizer, tokenize
+from .models.unet import UNet3D
+from .models.vae import AutoencoderKL
+from .schedulers import scheduler_from_config
+from .video_io import VideoFrames, video_to_tensor
 
 
 OUTPUT_TYPES = ("np", "pt", "pil", "latent")
-
-
-class VideoFrames(np.ndarray):
-    """The `np` output: float frames in [0, 1], (b, f, h, w, 3), exactly as diffusers returns them.
-
-    One addition: a single (h, w, 3) frame also converts with `PIL.Image.fromarray(frame)` (to uint8,
-    rounded), which the seed's zeroscope upscaling example does and which a plain float array refuses.
-    Only PIL sees the uint8 view; to numpy and everyone else this is an ordinary float array.
-    """
-
-    def _pil_view(self) -> np.ndarray | None:
-        if self.ndim == 3 and self.shape[-1] == 3 and self.dtype.kind == "f":
-            caller = sys._getframe(2).f_globals.get("__name__", "")
-            if caller.startswith("PIL"):
-                return np.ascontiguousarray((np.asarray(self).clip(0, 1) * 255).round().astype(np.uint8))
-        return None
-
-    @property
-    def __array_interface__(self):
-        view = self._pil_view()
-        if view is None:
-            return np.asarray(self).__array_interface__
-        iface = dict(view.__array_interface__)
-        iface["strides"] = view.strides  # PIL then reads the pixels through tobytes()
-        return iface
-
-    def tobytes(self, order="C"):
-        view = self._pil_view()
-        return np.asarray(self).tobytes(order) if view is None else view.tobytes()
 
 
 @dataclass
@@ -64,22 +41,10 @@ class TextToVideoSDPipelineOutput:
     frames: Any
 
 
-def randn_tensor(shape, generator=None, device=None, dtype=None) -> torch.Tensor:
-    """Gaussian noise drawn as diffusers draws it (on the generator's device, then moved), so that a
-    user's seeds give the same videos in both libraries. A list of generators draws one per sample."""
-    device = torch.device(device or "cpu")
-    if isinstance(generator, list):
-        if len(generator) != shape[0]:
-            raise ValueError(f"generator: a list of {len(generator)} generators for a batch of {shape[0]}")
-        return torch.cat([randn_tensor((1, *shape[1:]), g, device, dtype) for g in generator])
-    draw_on = generator.device if generator is not None else device
-    if draw_on.type != device.type and draw_on.type == "cpu":
-        return torch.randn(shape, generator=generator, device="cpu", dtype=dtype).to(device)
-    return torch.randn(shape, generator=generator, device=draw_on, dtype=dtype)
-
-
 class TextToVideoSDPipeline:
     """Text-to-video with the ModelScope space-time UNet (components as in diffusers' pipeline)."""
+
+    video_to_video: ClassVar[bool] = False  # what a call without `video=` does (VideoToVideoSDPipeline: True)
 
     def __init__(self, unet: UNet3D, vae: AutoencoderKL, text_encoder, tokenizer, scheduler):
         self.unet = unet
@@ -96,7 +61,7 @@ class TextToVideoSDPipeline:
         # diffusers' pipeline does, which turns every "!" in a prompt into padding (text.tokenize).
         self.tokenization = "open_clip"
         # The guidance scale a call without one uses; None: diffusers' defaults (text-to-video 9,
-        # video-to-video 15). from_pretrained reads it from model_index.json (loading.DEFAULT_GUIDANCE_KEY).
+        # video-to-video 15). from_pretrained reads it from model_index.json (folders.DEFAULT_GUIDANCE_KEY).
         self.default_guidance_scale: float | None = None
 
     # -- loading and saving ---------------------------------------------------------------------------
@@ -116,33 +81,26 @@ class TextToVideoSDPipeline:
         selects `*.fp16.safetensors`; components may be passed as keyword arguments to replace the
         stored ones (e.g. `scheduler=...`).
         """
-        from .schedulers import scheduler_from_config
-
         components = {"unet", "vae", "text_encoder", "tokenizer", "scheduler"}
         unknown = set(kwargs) - components
         if unknown:
             raise TypeError(f"from_pretrained got unexpected keyword argument(s) {sorted(unknown)}")
         if torch_dtype is not None and not isinstance(torch_dtype, torch.dtype):
             raise TypeError(f"torch_dtype must be a torch.dtype, got {torch_dtype!r}")
-        folder = loading.resolve(path_or_repo_id, revision=revision, variant=variant)
-        layout = loading.detect_layout(folder)
-        default_guidance = loading.read_default_guidance_scale(folder, layout)  # checked before any weights load
+        folder = resolve(path_or_repo_id, revision=revision, variant=variant)
+        layout = detect_layout(folder)
+        default_guidance = folders.read_default_guidance_scale(folder, layout)  # checked before any weights load
         parts = dict(kwargs)
-        if "unet" not in parts:
-            parts["unet"] = loading.instantiate(UNet3D, *loading.read_unet(folder, layout, variant), torch_dtype)
-        if "vae" not in parts:
-            parts["vae"] = loading.instantiate(AutoencoderKL, *loading.read_vae(folder, layout, variant), torch_dtype)
-        if "text_encoder" not in parts:
-            parts["text_encoder"] = loading.instantiate(
-                build_text_encoder, *loading.read_text_encoder(folder, layout, variant), torch_dtype
-            )
+        for name in folders.COMPONENTS:
+            if name not in parts:
+                parts[name] = folders.load_component(name, folder, layout, variant, torch_dtype)
         if "tokenizer" not in parts:
-            parts["tokenizer"] = loading.read_tokenizer(folder, layout)
+            parts["tokenizer"] = folders.read_tokenizer(folder, layout)
         if "scheduler" not in parts:
-            parts["scheduler"] = scheduler_from_config(loading.read_scheduler_config(folder, layout))
+            parts["scheduler"] = scheduler_from_config(folders.read_scheduler_config(folder, layout))
         pipe = cls(**parts)
         pipe.name_or_path = str(path_or_repo_id)
-        pipe.model_index_class = loading.pipeline_class_name(folder, layout)
+        pipe.model_index_class = folders.pipeline_class_name(folder, layout)
         pipe.default_guidance_scale = default_guidance
         return pipe
 
@@ -150,11 +108,6 @@ class TextToVideoSDPipeline:
     def from_preset(cls, name: str = "tiny", seed: int = 0, torch_dtype: torch.dtype | None = None):
         """Randomly initialised models of a size preset ("tiny", "ms-1.7b", "zeroscope-576w", ...), the
         CLIP tokenizer built offline and the released DDIM schedule: a starting point for training."""
-        from .schedulers import released_scheduler_config, scheduler_from_config
-        from .text import TEXT_PRESETS, build_tokenizer
-        from .unet import UNET_PRESETS
-        from .vae import VAE_PRESETS
-
         if name not in UNET_PRESETS:
             raise ValueError(f"unknown preset {name!r}; choose from {sorted(UNET_PRESETS)}")
         size = "tiny" if name == "tiny" else "ms-1.7b"  # zeroscope shares ms-1.7b's autoencoder and text tower
@@ -175,12 +128,12 @@ class TextToVideoSDPipeline:
         def state(m):
             return {k: v.detach().cpu() for k, v in m.state_dict().items()}
 
-        loading.write_diffusers_unet(folder, self.unet.config, state(self.unet), variant)
-        loading.write_diffusers_vae(folder, self.vae.config, state(self.vae), variant)
-        loading.write_diffusers_text_encoder(folder, self.text_encoder.config, state(self.text_encoder), variant)
-        loading.write_tokenizer(folder, self.tokenizer)
-        loading.write_scheduler(folder, dict(self.scheduler.config))
-        loading.write_model_index(folder, type(self).__name__, type(self.scheduler).__name__,
+        for name in folders.COMPONENTS:
+            module = getattr(self, name)
+            folders.write_diffusers_component(name, folder, module.config, state(module), variant)
+        folders.write_tokenizer(folder, self.tokenizer)
+        folders.write_scheduler(folder, dict(self.scheduler.config))
+        folders.write_model_index(folder, type(self).__name__, type(self.scheduler).__name__,
                                   self.default_guidance_scale)
         return folder
 
@@ -385,44 +338,9 @@ class TextToVideoSDPipeline:
     # -- video-to-video inputs (used by VideoToVideoSDPipeline and by `video=` here) ------------------
 
     def preprocess_video(self, video, height: int | None = None, width: int | None = None) -> torch.Tensor:
-        """A video -> b c f h w in [-1, 1]. Accepts a list of PIL images (one video), a list of such lists,
-        numpy arrays (f, h, w, 3) or (b, f, h, w, 3) in [0, 1] (float) or [0, 255] (uint8), or a torch
-        tensor b c f h w already in [-1, 1] (4 channels: latents, used as they are). Frames are resized to
-        multiples of the VAE factor (or to height x width)."""
-        from PIL import Image
-
-        factor = self.vae_scale_factor
-        if isinstance(video, torch.Tensor):
-            if video.dim() == 4:
-                video = video[None]
-            if video.dim() != 5:
-                raise ValueError(f"video tensor must be b c f h w, got shape {tuple(video.shape)}")
-            if video.numel() == 0:
-                raise ValueError("video is empty")
-            return video
-        if isinstance(video, (list, tuple)) and len(video) == 0:
-            raise ValueError("video is empty")
-        if isinstance(video, (list, tuple)) and isinstance(video[0], Image.Image):
-            video = [video]
-        if isinstance(video, np.ndarray):
-            video = [video] if video.ndim == 4 else list(video)
-        out = []
-        for clip in video:
-            if isinstance(clip, (list, tuple)) and len(clip) and isinstance(clip[0], Image.Image):
-                w0, h0 = clip[0].size
-                h, w = height or h0 // factor * factor, width or w0 // factor * factor
-                arr = np.stack([np.asarray(im.convert("RGB").resize((w, h), Image.LANCZOS)) for im in clip])
-            else:
-                arr = np.asarray(clip)
-                if arr.ndim != 4 or arr.shape[-1] != 3 or arr.shape[0] == 0:
-                    raise ValueError(f"video frames must be (f, h, w, 3), got shape {arr.shape}")
-            arr = arr.astype(np.float32) / 255.0 if arr.dtype == np.uint8 else arr.astype(np.float32)
-            out.append(torch.from_numpy(arr))
-        frames = torch.stack(out)  # b f h w c in [0, 1]
-        h, w = frames.shape[2:4]
-        if h % factor or w % factor:
-            raise ValueError(f"video frames are {h}x{w}; height and width must be multiples of {factor}")
-        return rearrange(frames, "b f h w c -> b c f h w") * 2 - 1
+        """A video in any form `video_io.video_to_tensor` takes -> b c f h w in [-1, 1], frames resized to
+        multiples of the autoencoder's factor (or to height x width)."""
+        return video_to_tensor(video, self.vae_scale_factor, height, width)
 
     def _noised_video_latents(self, pixels, timesteps, total, dtype, device, generator) -> torch.Tensor:
         """Encode (b f) frames, sample the posterior, scale, then add noise for the first kept timestep,
@@ -442,7 +360,7 @@ class TextToVideoSDPipeline:
             z = (z * self.vae.config.scaling_factor).to(device, dtype)
         if len(timesteps) == 0:  # strength 0: nothing to denoise
             return rearrange(z, "(b f) c h w -> b c f h w", b=b).repeat(total // b, 1, 1, 1, 1)
-        noise = randn_tensor(z.shape, generator, device, dtype)
+        noise = randn(z.shape, generator, device, dtype)
         t = timesteps[:1].repeat(z.shape[0])
         noisy = self.scheduler.add_noise(z, noise, t)
         return rearrange(noisy, "(b f) c h w -> b c f h w", b=b).repeat(total // b, 1, 1, 1, 1)
@@ -496,19 +414,18 @@ class TextToVideoSDPipeline:
 
     def _text_conditioning(self, prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, guidance_scale,
                            num_videos_per_prompt, clip_skip):
-        cfg = guidance_scale > 1.0
+        guided = guidance_scale > 1.0
         pos, neg = self.encode_prompt(
-            prompt, self._execution_device, num_videos_per_prompt, cfg, negative_prompt,
+            prompt, self._execution_device, num_videos_per_prompt, guided, negative_prompt,
             prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds, clip_skip=clip_skip,
         )
-        return torch.cat([neg, pos]) if cfg else pos  # one UNet call for both branches, uncond first
+        return torch.cat([neg, pos]) if guided else pos  # one UNet call for both branches, uncond first
 
     def _denoise(self, latents, timesteps, context, guidance_scale, *, eta, generator, callback, callback_steps,
                  callback_on_step_end, callback_on_step_end_tensor_inputs, cross_attention_kwargs) -> torch.Tensor:
         """Run the scheduler's sampler over `timesteps` with classifier-free guidance and the callbacks."""
         from tqdm.auto import tqdm
 
-        cfg = guidance_scale > 1.0
         unet = self.unet
         scale_in = getattr(self.scheduler, "scale_model_input", lambda x, t: x)
         if cross_attention_kwargs:
@@ -516,12 +433,10 @@ class TextToVideoSDPipeline:
                           stacklevel=3)
 
         def model_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            x_in = scale_in(torch.cat([x, x]) if cfg else x, t)
-            out = unet(x_in, t, encoder_hidden_states=context)  # (2b) c f h w
-            if not cfg:
-                return out
-            uncond, cond = out.chunk(2)
-            return uncond + guidance_scale * (cond - uncond)  # Ho & Salimans 2022, eq. 6
+            return unet(scale_in(x, t), t, encoder_hidden_states=context)  # b c f h w (2b when guided)
+
+        if guidance_scale > 1.0:  # the context holds the unconditional branch first (_text_conditioning)
+            model_fn = cfg_model_fn(model_fn, guidance_scale)
 
         bar = tqdm(total=len(timesteps), **{"desc": "denoising", **self._progress})
 
@@ -580,7 +495,7 @@ class TextToVideoSDPipeline:
         prompt: str | list[str] | None = None,
         height: int | None = None,
         width: int | None = None,
-        num_frames: int = 16,
+        num_frames: int | None = None,
         num_inference_steps: int = 50,
         guidance_scale: float | None = None,
         negative_prompt: str | list[str] | None = None,
@@ -602,119 +517,58 @@ class TextToVideoSDPipeline:
         video=None,
         strength: float = 0.6,
     ):
-        """Generate videos (diffusers 0.42's arguments and defaults: guidance_scale 9.0; the last six are
-        additions). Passing `video=` runs video-to-video whatever the folder's model_index.json names
-        (guidance then defaults to 15.0, as in diffusers' VideoToVideoSDPipeline). A model whose
-        model_index.json carries `default_guidance_scale` (the bundled shapes model) uses that instead
-        of either default when `guidance_scale` is not given.
+        """Generate videos (diffusers 0.42's arguments and defaults: 16 frames, guidance_scale 9.0; the last
+        six are additions). Passing `video=` runs video-to-video (SDEdit, `strength` of the schedule) whatever
+        the folder's model_index.json names; guidance then defaults to 15.0, as in diffusers'
+        VideoToVideoSDPipeline, and the size is the video's. A model whose model_index.json carries
+        `default_guidance_scale` (the bundled shapes model) uses that instead of either default when
+        `guidance_scale` is not given.
 
         Noise is drawn exactly as diffusers draws it: the same `torch.Generator` gives the same video.
+        Video-to-video `latents`, if given, are the already-noised starting latents at the first kept
+        timestep (diffusers silently ignores them); otherwise the video is encoded and noised as diffusers does.
         """
-        if video is not None:
-            return VideoToVideoSDPipeline.__call__(
-                self, prompt, video=video, strength=strength, num_inference_steps=num_inference_steps,
-                guidance_scale=guidance_scale, negative_prompt=negative_prompt,
-                eta=eta, generator=generator, latents=latents, prompt_embeds=prompt_embeds,
-                negative_prompt_embeds=negative_prompt_embeds, output_type=output_type, return_dict=return_dict,
-                callback=callback, callback_steps=callback_steps, cross_attention_kwargs=cross_attention_kwargs,
-                clip_skip=clip_skip, num_videos_per_prompt=num_videos_per_prompt,
-                callback_on_step_end=callback_on_step_end,
-                callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
-                decode_chunk_size=decode_chunk_size,
-            )
-        guidance_scale = self.resolve_guidance_scale(guidance_scale)
-        factor = self.vae_scale_factor
-        height = height or self.unet.config.sample_size * factor
-        width = width or self.unet.config.sample_size * factor
+        video_to_video = video is not None or self.video_to_video
+        guidance_scale = self.resolve_guidance_scale(guidance_scale, video_to_video=video_to_video)
         batch = self._check_common(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, num_inference_steps,
                                    guidance_scale, output_type, callback_steps, num_videos_per_prompt, decode_chunk_size)
-        for name, v in (("height", height), ("width", width)):
-            if not isinstance(v, int) or v <= 0 or v % factor:
-                raise ValueError(f"{name} must be a positive multiple of {factor}, got {v!r}")
-        if not isinstance(num_frames, int) or num_frames < 1:
-            raise ValueError(f"num_frames must be an integer >= 1, got {num_frames!r}")
-        shape = (batch * num_videos_per_prompt, self.unet.config.in_channels, num_frames, height // factor, width // factor)
-        if latents is not None and tuple(latents.shape) != shape:
-            raise ValueError(f"latents must have shape {shape}, got {tuple(latents.shape)}")
+        total = batch * num_videos_per_prompt
         bad = set(callback_on_step_end_tensor_inputs) - {"latents", "prompt_embeds"}
         if bad:
             raise ValueError(f"callback_on_step_end_tensor_inputs: unknown names {sorted(bad)}")
-
-        with self._cpu_precision():  # half weights on a CPU: float32 for this call
-            context = self._text_conditioning(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds,
-                                              guidance_scale, num_videos_per_prompt, clip_skip)
-            device = self._execution_device
-            self.scheduler.set_timesteps(num_inference_steps, device=device)
-            if latents is None:
-                latents = randn_tensor(shape, generator, device, context.dtype)
-            latents = latents.to(device, context.dtype) * self.scheduler.init_noise_sigma
-            latents = self._denoise(
-                latents, self.scheduler.timesteps, context, guidance_scale, eta=eta, generator=generator,
-                callback=callback, callback_steps=callback_steps, callback_on_step_end=callback_on_step_end,
-                callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
-                cross_attention_kwargs=cross_attention_kwargs,
-            )
-            return self._finish(latents, output_type, return_dict, decode_chunk_size)
-
-
-class VideoToVideoSDPipeline(TextToVideoSDPipeline):
-    """Video-to-video (SDEdit): noise a given video to `strength` and denoise it with the prompt; the
-    zeroscope_v2_XL upscaling recipe. Same components as text-to-video."""
-
-    @torch.no_grad()
-    def __call__(
-        self,
-        prompt: str | list[str] | None = None,
-        video=None,
-        strength: float = 0.6,
-        num_inference_steps: int = 50,
-        guidance_scale: float | None = None,
-        negative_prompt: str | list[str] | None = None,
-        eta: float = 0.0,
-        generator: torch.Generator | list[torch.Generator] | None = None,
-        latents: torch.Tensor | None = None,
-        prompt_embeds: torch.Tensor | None = None,
-        negative_prompt_embeds: torch.Tensor | None = None,
-        output_type: str = "np",
-        return_dict: bool = True,
-        callback: Callable | None = None,
-        callback_steps: int = 1,
-        cross_attention_kwargs: dict | None = None,
-        clip_skip: int | None = None,
-        num_videos_per_prompt: int = 1,
-        callback_on_step_end: Callable | None = None,
-        callback_on_step_end_tensor_inputs: tuple[str, ...] = ("latents",),
-        decode_chunk_size: int | None = None,
-    ):
-        """Video-to-video with diffusers 0.42's arguments and defaults (strength 0.6, guidance 15, or the
-        model's `default_guidance_scale`).
-
-        `latents`, if given, are the already-noised starting latents at the first kept timestep (diffusers
-        silently ignores them); otherwise the video is encoded and noised as diffusers does.
-        """
-        guidance_scale = self.resolve_guidance_scale(guidance_scale, video_to_video=True)
-        batch = self._check_common(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, num_inference_steps,
-                                   guidance_scale, output_type, callback_steps, num_videos_per_prompt, decode_chunk_size)
-        if not isinstance(strength, (int, float)) or not 0 <= strength <= 1:
-            raise ValueError(f"strength must be in [0, 1], got {strength!r}")
-        if video is None and latents is None:
-            raise ValueError("pass video (or latents) to video-to-video")
-        pixels = self.preprocess_video(video) if video is not None else None
-        total = batch * num_videos_per_prompt
-        if pixels is not None and pixels.shape[0] not in (1, total):
-            raise ValueError(f"video has batch size {pixels.shape[0]}, but {total} videos are requested")
+        if video_to_video:
+            for name, value in (("height", height), ("width", width), ("num_frames", num_frames)):
+                if value is not None:
+                    raise ValueError(f"{name}: video-to-video takes the size of the video; leave {name} unset")
+            if not isinstance(strength, (int, float)) or not 0 <= strength <= 1:
+                raise ValueError(f"strength must be in [0, 1], got {strength!r}")
+            if video is None and latents is None:
+                raise ValueError("pass video (or latents) to video-to-video")
+            pixels = self.preprocess_video(video) if video is not None else None
+            if pixels is not None and pixels.shape[0] not in (1, total):
+                raise ValueError(f"video has batch size {pixels.shape[0]}, but {total} videos are requested")
+        else:
+            shape = self._latent_shape(total, height, width, num_frames)
+            if latents is not None and tuple(latents.shape) != shape:
+                raise ValueError(f"latents must have shape {shape}, got {tuple(latents.shape)}")
 
         with self._cpu_precision():  # half weights on a CPU: float32 for this call
             context = self._text_conditioning(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds,
                                               guidance_scale, num_videos_per_prompt, clip_skip)
             device, dtype = self._execution_device, context.dtype
             self.scheduler.set_timesteps(num_inference_steps, device=device)
-            kept = min(int(num_inference_steps * strength), num_inference_steps)  # as diffusers' get_timesteps
-            order = getattr(self.scheduler, "order", 1)
-            timesteps = self.scheduler.timesteps[(num_inference_steps - kept) * order :]
-            if latents is None:
-                latents = self._noised_video_latents(pixels, timesteps, total, dtype, device, generator)
-            latents = latents.to(device, dtype)
+            if video_to_video:
+                kept = min(int(num_inference_steps * strength), num_inference_steps)  # as diffusers' get_timesteps
+                order = getattr(self.scheduler, "order", 1)
+                timesteps = self.scheduler.timesteps[(num_inference_steps - kept) * order :]
+                if latents is None:
+                    latents = self._noised_video_latents(pixels, timesteps, total, dtype, device, generator)
+                latents = latents.to(device, dtype)
+            else:
+                timesteps = self.scheduler.timesteps
+                if latents is None:
+                    latents = randn(shape, generator, device, dtype)
+                latents = latents.to(device, dtype) * self.scheduler.init_noise_sigma
             if len(timesteps):
                 latents = self._denoise(
                     latents, timesteps, context, guidance_scale, eta=eta, generator=generator,
@@ -724,6 +578,37 @@ class VideoToVideoSDPipeline(TextToVideoSDPipeline):
                 )
             return self._finish(latents, output_type, return_dict, decode_chunk_size)
 
+    _generate = __call__  # the one body; VideoToVideoSDPipeline.__call__ reaches it in diffusers' argument order
+
+    def _latent_shape(self, total: int, height: int | None, width: int | None, num_frames: int | None):
+        """(b, c, f, h, w) of text-to-video latents; the size defaults to the UNet's sample_size."""
+        factor = self.vae_scale_factor
+        height = height or self.unet.config.sample_size * factor
+        width = width or self.unet.config.sample_size * factor
+        num_frames = 16 if num_frames is None else num_frames
+        for name, v in (("height", height), ("width", width)):
+            if not isinstance(v, int) or v <= 0 or v % factor:
+                raise ValueError(f"{name} must be a positive multiple of {factor}, got {v!r}")
+        if not isinstance(num_frames, int) or num_frames < 1:
+            raise ValueError(f"num_frames must be an integer >= 1, got {num_frames!r}")
+        return (total, self.unet.config.in_channels, num_frames, height // factor, width // factor)
+
+
+class VideoToVideoSDPipeline(TextToVideoSDPipeline):
+    """Video-to-video (SDEdit): noise a given video to `strength` and denoise it with the prompt; the
+    zeroscope_v2_XL upscaling recipe. Same components and the same `__call__` as text-to-video, in
+    diffusers' argument order (prompt, video, strength, ...)."""
+
+    video_to_video: ClassVar[bool] = True
+
+    @torch.no_grad()
+    def __call__(self, prompt: str | list[str] | None = None, video=None, strength: float = 0.6,
+                 num_inference_steps: int = 50, guidance_scale: float | None = None, **kwargs):
+        """Video-to-video with diffusers 0.42's arguments and defaults (strength 0.6, guidance 15, or the
+        model's `default_guidance_scale`); the other arguments are TextToVideoSDPipeline's, less the size."""
+        return self._generate(prompt, video=video, strength=strength, num_inference_steps=num_inference_steps,
+                              guidance_scale=guidance_scale, **kwargs)
+
 
 class DiffusionPipeline:
     """`DiffusionPipeline.from_pretrained(...)` returns the pipeline class the folder's model_index.json
@@ -731,8 +616,8 @@ class DiffusionPipeline:
 
     @classmethod
     def from_pretrained(cls, path_or_repo_id, **kwargs):
-        folder = loading.resolve(path_or_repo_id, revision=kwargs.get("revision"), variant=kwargs.get("variant"))
-        name = loading.pipeline_class_name(folder, loading.detect_layout(folder))
+        folder = resolve(path_or_repo_id, revision=kwargs.get("revision"), variant=kwargs.get("variant"))
+        name = folders.pipeline_class_name(folder, detect_layout(folder))
         classes = {c.__name__: c for c in (TextToVideoSDPipeline, VideoToVideoSDPipeline)}
         if name not in classes:
             raise ValueError(f"{path_or_repo_id}: unsupported pipeline class {name!r} (supported: {sorted(classes)})")

@@ -1,4 +1,4 @@
-"""diffusers-compatible scheduler objects: thin adapters over `schedule.py` and `samplers.py`.
+"""diffusers-compatible scheduler objects: thin adapters over `diffusion/schedule.py` and `diffusion/samplers.py`.
 
 Why: checkpoints ship a `scheduler/scheduler_config.json` in diffusers' format and users write
 `DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)`. These classes read and write that
@@ -26,43 +26,22 @@ from typing import Any, ClassVar, Mapping, Optional, Union
 
 import torch
 
-from . import samplers
-from .schedule import (
+from .diffusion import samplers
+from .diffusion.noise import Generator, randn_like
+from .diffusion.schedule import (
     BETA_SCHEDULES,
+    add_noise,
     alphas_cumprod as cumprod_alphas,
-    leading_timesteps,
-    linspace_timesteps,
     make_betas,
+    make_timesteps,
     rescale_zero_terminal_snr,
     stride_prev_timesteps,
-    trailing_timesteps,
+    velocity,
 )
+from .formats.files import read_json, write_json
+from .formats.folders import MODELSCOPE_T2V_SCHEDULER_CONFIG, released_scheduler_config  # noqa: F401 (re-exported)
 
 CONFIG_NAME = "scheduler_config.json"
-
-# The scheduler of the released ModelScope T2V checkpoints (diffusers layout,
-# damo-vilab/text-to-video-ms-1.7b and the zeroscope fine-tunes): what a converter writes for the
-# original layout, which has no scheduler folder.
-MODELSCOPE_T2V_SCHEDULER_CONFIG: Mapping[str, Any] = MappingProxyType(
-    {
-        "_class_name": "DDIMScheduler",
-        "num_train_timesteps": 1000,
-        "beta_start": 0.00085,
-        "beta_end": 0.012,
-        "beta_schedule": "scaled_linear",
-        "clip_sample": False,
-        "set_alpha_to_one": False,
-        "steps_offset": 1,
-        "prediction_type": "epsilon",
-        "trained_betas": None,
-    }
-)
-
-
-def released_scheduler_config() -> dict[str, Any]:
-    """A fresh, mutable copy of `MODELSCOPE_T2V_SCHEDULER_CONFIG`."""
-    return dict(MODELSCOPE_T2V_SCHEDULER_CONFIG)
-
 
 class SchedulerConfig(dict):
     """A frozen dict whose keys also read as attributes (`config.num_train_timesteps`), like
@@ -116,6 +95,16 @@ def _require_off(cfg: SchedulerConfig, *keys: str) -> None:
     for key in keys:
         if cfg[key]:
             raise ValueError(f"`{key}={cfg[key]!r}` is not supported by {cfg._class_name} here; leave it off")
+
+
+# The training schedule's parameters and diffusers' defaults for them (every scheduler class takes these first).
+_SCHEDULE_DEFAULTS = {
+    "num_train_timesteps": 1000,
+    "beta_start": 0.0001,
+    "beta_end": 0.02,
+    "beta_schedule": "linear",
+    "trained_betas": None,
+}
 
 
 class _Scheduler:
@@ -185,8 +174,28 @@ class _Scheduler:
         data = {k: v for k, v in self._config.items() if k != "_use_default_values"}
         data["_class_name"] = type(self).__name__
         path = folder / CONFIG_NAME
-        path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        write_json(path, data)
         return path
+
+    def sample(
+        self,
+        model_fn: samplers.ModelFn,
+        x: torch.Tensor,
+        timesteps: Optional[samplers.Timesteps] = None,
+        *,
+        generator: Generator = None,
+        callback: Optional[samplers.Callback] = None,
+        eta: float = 0.0,
+    ) -> torch.Tensor:
+        """Run this scheduler's pure sampler once over `timesteps` (default: all of `self.timesteps`, as
+        `set_timesteps` laid them out); `eta` is DDIM's. What the pipelines call instead of `step`."""
+        if self.num_inference_steps is None:
+            raise ValueError("call set_timesteps(num_inference_steps) first")
+        ts = torch.as_tensor(self.timesteps if timesteps is None else timesteps).cpu()
+        return self._sample(model_fn, x, ts, generator, callback, eta)
+
+    def _sample(self, model_fn, x, ts, generator, callback, eta) -> torch.Tensor:  # overridden
+        raise NotImplementedError
 
     def scale_model_input(self, sample: torch.Tensor, timestep: Any = None) -> torch.Tensor:
         """Identity: VP samplers feed x_t to the model unscaled (diffusers API compatibility)."""
@@ -227,7 +236,7 @@ def load_scheduler_config(folder: Union[str, Path], subfolder: Optional[str] = "
     candidates = ([folder / subfolder / CONFIG_NAME] if subfolder else []) + [folder / CONFIG_NAME]
     for path in candidates:
         if path.is_file():
-            return json.loads(path.read_text(encoding="utf-8"))
+            return read_json(path)
     raise FileNotFoundError(f"no {CONFIG_NAME} in {', '.join(str(p.parent) for p in candidates)}")
 
 
@@ -242,11 +251,7 @@ class DDIMScheduler(_Scheduler):
     """
 
     _defaults = {
-        "num_train_timesteps": 1000,
-        "beta_start": 0.0001,
-        "beta_end": 0.02,
-        "beta_schedule": "linear",
-        "trained_betas": None,
+        **_SCHEDULE_DEFAULTS,
         "clip_sample": True,
         "set_alpha_to_one": True,
         "steps_offset": 0,
@@ -275,12 +280,8 @@ class DDIMScheduler(_Scheduler):
     def set_timesteps(self, num_inference_steps: int, device: Union[str, torch.device, None] = None) -> None:
         self._check_steps(num_inference_steps)
         cfg = self._config
-        if cfg.timestep_spacing == "leading":
-            ts = leading_timesteps(num_inference_steps, cfg.num_train_timesteps, cfg.steps_offset)
-        elif cfg.timestep_spacing == "linspace":
-            ts = linspace_timesteps(num_inference_steps, cfg.num_train_timesteps)
-        else:
-            ts = trailing_timesteps(num_inference_steps, cfg.num_train_timesteps)
+        ts = make_timesteps(cfg.timestep_spacing, num_inference_steps, cfg.num_train_timesteps,
+                            steps_offset=cfg.steps_offset)
         self._check_range(ts, num_inference_steps)
         self.num_inference_steps = num_inference_steps
         self.timesteps = ts.to(device)
@@ -293,20 +294,9 @@ class DDIMScheduler(_Scheduler):
     def _clip(self) -> Optional[float]:
         return float(self._config.clip_sample_range) if self._config.clip_sample else None
 
-    def sample(
-        self,
-        model_fn: samplers.ModelFn,
-        x: torch.Tensor,
-        timesteps: Optional[samplers.Timesteps] = None,
-        *,
-        generator: samplers.Generator = None,
-        callback: Optional[samplers.Callback] = None,
-        eta: float = 0.0,
-    ) -> torch.Tensor:
-        """Run `samplers.ddim` over `timesteps` (default: all of `self.timesteps`)."""
+    def _sample(self, model_fn, x, ts, generator, callback, eta) -> torch.Tensor:
+        """`samplers.ddim`, stepping to t - T // num_inference_steps as diffusers does."""
         stride = self._stride()
-        ts = self.timesteps if timesteps is None else timesteps
-        ts = torch.as_tensor(ts).cpu()
         return samplers.ddim(
             model_fn,
             x,
@@ -327,7 +317,7 @@ class DDIMScheduler(_Scheduler):
         timestep: Union[int, torch.Tensor],
         sample: torch.Tensor,
         eta: float = 0.0,
-        generator: samplers.Generator = None,
+        generator: Generator = None,
         variance_noise: Optional[torch.Tensor] = None,
         return_dict: bool = True,
     ):
@@ -341,7 +331,7 @@ class DDIMScheduler(_Scheduler):
                 raise ValueError("pass either `generator` or `variance_noise`, not both")
             noise = variance_noise
             if noise is None:
-                noise = samplers.step_noise(model_output, generator, frames_first=False)
+                noise = randn_like(model_output, generator, frames_first=False)
         prev, x0 = samplers.ddim_step(
             model_output,
             sample,
@@ -355,10 +345,10 @@ class DDIMScheduler(_Scheduler):
         return SchedulerOutput(prev, x0) if return_dict else (prev, x0)
 
     def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
-        return samplers.add_noise(original_samples, noise, self.alphas_cumprod, timesteps)
+        return add_noise(original_samples, noise, self.alphas_cumprod, timesteps)
 
     def get_velocity(self, sample: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
-        return samplers.velocity(sample, noise, self.alphas_cumprod, timesteps)
+        return velocity(sample, noise, self.alphas_cumprod, timesteps)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -377,11 +367,7 @@ class DPMSolverMultistepScheduler(_Scheduler):
     """
 
     _defaults = {
-        "num_train_timesteps": 1000,
-        "beta_start": 0.0001,
-        "beta_end": 0.02,
-        "beta_schedule": "linear",
-        "trained_betas": None,
+        **_SCHEDULE_DEFAULTS,
         "solver_order": 2,
         "prediction_type": "epsilon",
         "thresholding": False,
@@ -484,12 +470,8 @@ class DPMSolverMultistepScheduler(_Scheduler):
             ts = samplers._as_timesteps(timesteps, cfg.num_train_timesteps)
         else:
             self._check_steps(num_inference_steps)
-            if cfg.timestep_spacing == "linspace":
-                ts = linspace_timesteps(num_inference_steps, cfg.num_train_timesteps, drop_final=True)
-            elif cfg.timestep_spacing == "leading":
-                ts = leading_timesteps(num_inference_steps, cfg.num_train_timesteps, cfg.steps_offset, drop_final=True)
-            else:
-                ts = trailing_timesteps(num_inference_steps, cfg.num_train_timesteps)
+            ts = make_timesteps(cfg.timestep_spacing, num_inference_steps, cfg.num_train_timesteps,
+                                steps_offset=cfg.steps_offset, drop_final=True)
             self._check_range(ts, num_inference_steps)
         sigma_vp = ((1 - self.alphas_cumprod) / self.alphas_cumprod) ** 0.5
         last = torch.zeros(1) if cfg.final_sigmas_type == "zero" else sigma_vp[:1]
@@ -503,28 +485,14 @@ class DPMSolverMultistepScheduler(_Scheduler):
         # diffusers' rule, on the length of the whole schedule (also for a truncated run).
         return bool(self._config.lower_order_final and len(self.timesteps) < 15)
 
-    def sample(
-        self,
-        model_fn: samplers.ModelFn,
-        x: torch.Tensor,
-        timesteps: Optional[samplers.Timesteps] = None,
-        *,
-        generator: samplers.Generator = None,
-        callback: Optional[samplers.Callback] = None,
-        eta: float = 0.0,
-    ) -> torch.Tensor:
-        """Run `samplers.dpm_solver_multistep` over `timesteps` (default: all of
-        `self.timesteps`). `eta` is accepted for a uniform pipeline call and ignored (as diffusers
-        ignores it for this scheduler)."""
-        if self.num_inference_steps is None:
-            raise ValueError("call set_timesteps(num_inference_steps) first")
+    def _sample(self, model_fn, x, ts, generator, callback, eta) -> torch.Tensor:
+        """`samplers.dpm_solver_multistep`; `eta` is ignored (as diffusers ignores it for this scheduler)."""
         cfg = self._config
-        ts = self.timesteps if timesteps is None else timesteps
         return samplers.dpm_solver_multistep(
             model_fn,
             x,
             self.alphas_cumprod,
-            torch.as_tensor(ts).cpu(),
+            ts,
             order=cfg.solver_order,
             algorithm=cfg.algorithm_type,
             solver_type=cfg.solver_type,
@@ -555,7 +523,7 @@ class DPMSolverMultistepScheduler(_Scheduler):
         model_output: torch.Tensor,
         timestep: Union[int, torch.Tensor],
         sample: torch.Tensor,
-        generator: samplers.Generator = None,
+        generator: Generator = None,
         variance_noise: Optional[torch.Tensor] = None,
         return_dict: bool = True,
     ):
@@ -570,17 +538,15 @@ class DPMSolverMultistepScheduler(_Scheduler):
         alpha_s, sigma_s = self._point(i)
         x0 = samplers.to_x0(model_output, sample, alpha_s, sigma_s, cfg.prediction_type)
         self.model_outputs = self.model_outputs[1:] + [x0]
-        k = min(self.lower_order_nums + 1, cfg.solver_order)
-        if i == n - 1 and (cfg.euler_at_final or self._lower_order_final() or cfg.final_sigmas_type == "zero"):
-            k = 1
-        elif i == n - 2 and self._lower_order_final():
-            k = min(k, 2)
+        k = samplers.dpm_solver_step_order(
+            i, n, min(self.lower_order_nums + 1, cfg.solver_order), lower_order_final=self._lower_order_final(),
+            first_order_final=cfg.euler_at_final or cfg.final_sigmas_type == "zero")
         noise = None
         if cfg.algorithm_type == "sde-dpmsolver++":
             if variance_noise is not None:
                 noise = variance_noise.to(device=model_output.device, dtype=torch.float32)
             else:
-                noise = samplers.step_noise(model_output, generator, torch.float32, frames_first=False)
+                noise = randn_like(model_output, generator, torch.float32, frames_first=False)
         points = [self._point(j) for j in range(i + 1 - k, i + 2)]
         prev = samplers.dpm_solver_update(
             sample,

@@ -19,9 +19,9 @@ from pathlib import Path
 
 import torch
 
-from modelscope_t2v.text import TEXT_PRESETS, build_tokenizer
-from modelscope_t2v.unet import UNET_PRESETS, UNetConfig, unet_config_to_diffusers, unet_config_to_original
-from modelscope_t2v.vae import VAE_PRESETS, VAEConfig, vae_config_to_diffusers, vae_config_to_original
+from modelscope_t2v.formats.unet_layout import unet_config_to_diffusers, unet_config_to_original
+from modelscope_t2v.formats.vae_layout import vae_config_to_diffusers, vae_config_to_original
+from modelscope_t2v.models import TEXT_PRESETS, UNET_PRESETS, VAE_PRESETS, UNetConfig, VAEConfig, build_tokenizer
 from refs import modelscope_reference, perturb_
 
 # damo-vilab/text-to-video-ms-1.7b scheduler/scheduler_config.json

@@ -14,8 +14,9 @@ import numpy as np
 import pytest
 import torch
 
-from modelscope_t2v import TextToVideoSDPipeline, bundled, schedulers
-from modelscope_t2v import shapes_eval as se
+from modelscope_t2v import TextToVideoSDPipeline, schedulers
+from modelscope_t2v.eval import shapes as se
+from modelscope_t2v.formats import locate as bundled
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))

@@ -15,9 +15,9 @@ from checkpoints import (
     original_unet,
 )
 from convert_weights import main as convert_main
-from modelscope_t2v.convert import ConversionError, Fuse, Rename, Split, apply_table, invert
-from modelscope_t2v.loading import convert_checkpoint
-from modelscope_t2v.safe_pickle import safe_torch_load
+from modelscope_t2v.formats import convert_checkpoint
+from modelscope_t2v.formats.safe_pickle import safe_torch_load
+from modelscope_t2v.formats.tables import ConversionError, Fuse, Rename, Split, apply_table, invert
 from refs import max_diff
 
 PROMPTS = ["a blue square moving up", "a cat"]
@@ -114,7 +114,7 @@ def test_diffusers_to_modelscope_loads_in_the_original_modules(tmp_path):
 def _tiny_as_original(folder):
     import json
 
-    from modelscope_t2v.unet import unet_config_from_original
+    from modelscope_t2v.formats.unet_layout import unet_config_from_original
 
     cfg = json.loads((folder / "configuration.json").read_text())["model"]["model_cfg"]
     return unet_config_from_original(cfg, safe_torch_load(folder / "text2video_pytorch_model.pth"))

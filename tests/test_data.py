@@ -152,7 +152,7 @@ def test_shapes_image_variant_and_non_square():
 
 
 def test_shapes_start_images_are_first_frames_captioned_with_their_direction():
-    from modelscope_t2v.data import _render_shape_uint8
+    from modelscope_t2v.data.shapes import _render_shape_uint8
 
     ds = ShapesDataset(400, image=True, image_start=True, seed=2)
     starts = {d: [] for d in DIRECTIONS}

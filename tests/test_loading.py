@@ -15,10 +15,8 @@ from checkpoints import (
     make_modelscope_checkpoint,
     original_text_features,
 )
-from modelscope_t2v.convert import ConversionError
-from modelscope_t2v.loading import LayoutError
+from modelscope_t2v.formats import CheckpointReadError, ConversionError, LayoutError
 from modelscope_t2v.pipelines import DiffusionPipeline, TextToVideoSDPipeline
-from modelscope_t2v.safe_pickle import CheckpointReadError
 from refs import max_diff
 
 TOL = 1e-4

@@ -19,8 +19,7 @@ from modelscope_t2v import (
     VideoToVideoSDPipeline,
     export_to_video,
 )
-from modelscope_t2v.unet import UNetConfig
-from modelscope_t2v.vae import VAEConfig
+from modelscope_t2v.models import UNetConfig, VAEConfig
 
 TOL = 2e-3  # the bound for frames in [0, 1]; measured figures are ~1e-5 (docs/parity.md)
 KW = dict(num_frames=4, height=32, width=32, num_inference_steps=6)
@@ -342,7 +341,7 @@ def test_prompts_are_tokenized_as_the_model_was_trained(pipes):
 
     ours, ref = pipes
     prompt = "Cats djing. Laser Lights!"
-    from modelscope_t2v.text import tokenize
+    from modelscope_t2v.models.text import tokenize
 
     assert torch.equal(tokenize(ours.tokenizer, [prompt]), open_clip.tokenize([prompt]))
     a = ours.encode_prompt([prompt], do_classifier_free_guidance=False)[0]
@@ -424,7 +423,7 @@ def test_default_guidance_scale_is_the_models_own(folder, tmp_path):
 
 
 def test_default_guidance_scale_is_saved_and_converted(folder, tmp_path):
-    from modelscope_t2v.loading import convert_checkpoint
+    from modelscope_t2v.formats import convert_checkpoint
 
     g_folder = _with_default_guidance(folder, tmp_path / "g", 2.5)
     TextToVideoSDPipeline.from_pretrained(g_folder).save_pretrained(tmp_path / "saved")
@@ -445,7 +444,7 @@ def test_default_guidance_scale_is_saved_and_converted(folder, tmp_path):
 
 @pytest.mark.parametrize("bad", ["9", -1.0, float("nan"), True, [9]])
 def test_bad_default_guidance_scale_is_named_before_loading(folder, tmp_path, bad, monkeypatch):
-    from modelscope_t2v import loading
+    from modelscope_t2v.formats import folders as loading
 
     g_folder = _with_default_guidance(folder, tmp_path / "g", bad)
     monkeypatch.setattr(loading, "read_unet", lambda *a, **k: pytest.fail("weights read before the check"))

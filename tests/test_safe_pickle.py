@@ -7,7 +7,7 @@ import types
 import pytest
 import torch
 
-from modelscope_t2v.safe_pickle import CheckpointReadError, UnsafeCheckpointError, safe_torch_load
+from modelscope_t2v.formats.safe_pickle import CheckpointReadError, UnsafeCheckpointError, safe_torch_load
 
 
 def _save_with_fake_module(obj_factory, path, module="pytorch_lightning.callbacks.model_checkpoint"):

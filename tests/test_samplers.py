@@ -16,8 +16,9 @@ import pickle
 import pytest
 import torch
 
-from modelscope_t2v import samplers as S
-from modelscope_t2v import schedule as sched
+from modelscope_t2v.diffusion import noise as N
+from modelscope_t2v.diffusion import samplers as S
+from modelscope_t2v.diffusion import schedule as sched
 from modelscope_t2v.schedulers import (
     DDIMScheduler,
     DPMSolverMultistepScheduler,
@@ -327,11 +328,11 @@ def test_add_noise_and_velocity_match_diffusers():
     t = torch.tensor([3])
     for dtype in (torch.float32, torch.float16):
         a, n = x0.to(dtype), noise.to(dtype)
-        assert torch.equal(S.add_noise(a, n, AC, t), ref.add_noise(a, n, t))
-        assert torch.equal(S.velocity(a, n, AC, t), ref.get_velocity(a, n, t))
+        assert torch.equal(sched.add_noise(a, n, AC, t), ref.add_noise(a, n, t))
+        assert torch.equal(sched.velocity(a, n, AC, t), ref.get_velocity(a, n, t))
     # v = sqrt(abar) eps - sqrt(1-abar) x0 is what a v-model must output: DDIM then recovers x0 exactly.
-    xt = S.add_noise(x0, noise, AC, 500)
-    v = S.velocity(x0, noise, AC, 500)
+    xt = sched.add_noise(x0, noise, AC, 500)
+    v = sched.velocity(x0, noise, AC, 500)
     _, x0_hat = S.ddim_step(v, xt, float(AC[500]), float(AC[0]), prediction_type="v_prediction")
     assert max_diff(x0_hat, x0) < 1e-5
 
@@ -341,10 +342,10 @@ def test_step_noise_follows_diffusers_draw_order():
     from diffusers.utils.torch_utils import randn_tensor
 
     like = x_T()
-    got = S.step_noise(like, gen(3))
+    got = N.randn_like(like, gen(3))
     expected = unfold(randn_tensor((B * F, C, H, W), generator=gen(3), dtype=torch.float32))
     assert torch.equal(got, expected)
-    assert torch.equal(S.step_noise(like, gen(3), frames_first=False), torch.randn(like.shape, generator=gen(3)))
+    assert torch.equal(N.randn_like(like, gen(3), frames_first=False), torch.randn(like.shape, generator=gen(3)))
 
 
 def test_callback_sees_every_step_and_may_replace_x():

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from modelscope_t2v import shapes_eval as se
+from modelscope_t2v.eval import shapes as se
 from modelscope_t2v.data import DIRECTIONS, parse_shapes_caption, render_shape_clip
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -18,23 +18,19 @@ from pathlib import Path
 import pytest
 import torch
 
-from modelscope_t2v.convert import ConversionError, apply_table
-from modelscope_t2v.text import (
-    TEXT_PRESETS,
-    build_text_encoder,
-    build_tokenizer,
+from modelscope_t2v.formats.tables import ConversionError, apply_table
+from modelscope_t2v.formats.text_layout import (
     clip_text_to_open_clip,
     diffusers_text_ignored,
     diffusers_text_table,
     open_clip_ignored,
     open_clip_text_table,
     open_clip_to_clip_text,
-    save_tokenizer,
     text_config_from_open_clip,
     text_config_to_diffusers,
     text_encoder_from_open_clip,
-    tokenize,
 )
+from modelscope_t2v.models.text import TEXT_PRESETS, build_text_encoder, build_tokenizer, save_tokenizer, tokenize
 from refs import max_diff, perturb_
 
 open_clip = pytest.importorskip("open_clip")

@@ -1,4 +1,4 @@
-"""train.py / modelscope_t2v.train_loop: loss falls, resume is bit-exact (also after SIGKILLs), 2-process
+"""train.py / modelscope_t2v.training: loss falls, resume is bit-exact (also after SIGKILLs), 2-process
 DDP and FSDP on gloo, unreadable videos are skipped and counted, mixed batches reach the model as images
 and videos, checkpoints load as pipelines, a NaN loss stops the run. Tiny model, 4 frames of 16x16 pixels
 (8x8 latents), CPU.
@@ -27,12 +27,14 @@ from omegaconf import OmegaConf
 from omegaconf.errors import ValidationError
 from safetensors.torch import load_file
 
-from modelscope_t2v import checkpointing as ckpt
+from modelscope_t2v.training import checkpoints as ckpt
 from modelscope_t2v import data as data_lib
 from modelscope_t2v.pipelines import TextToVideoSDPipeline
-from modelscope_t2v.train_loop import (ConfigError, NonFiniteLossError, TrainConfig, TrainerConfig, check_config,
-                                      draw_timesteps, lr_at, timestep_weights, train)
-from modelscope_t2v.unet import UNet3D
+from modelscope_t2v.diffusion.losses import draw_timesteps, timestep_weights
+from modelscope_t2v.training import ConfigError, NonFiniteLossError, TrainConfig, TrainerConfig, check_config, lr_at, train
+from modelscope_t2v.training import loop as training_loop
+from modelscope_t2v.training.objectives import timestep_weights_for
+from modelscope_t2v.models import UNet3D
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -112,18 +114,19 @@ def test_lr_schedule_is_a_function_of_the_step():
 def test_timestep_bias_draws_the_biased_slice_as_often_as_asked():
     # uniform: the same draws as before the option existed (a resumed old run keeps its timesteps)
     g1, g2 = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
-    assert torch.equal(draw_timesteps(64, 1000, TrainerConfig(), g1), torch.randint(0, 1000, (64,), generator=g2))
+    assert torch.equal(draw_timesteps(64, 1000, g1, timestep_weights_for(TrainerConfig(), 1000)),
+                       torch.randint(0, 1000, (64,), generator=g2))
     w = timestep_weights(1000, "later", 9.0, 0.25)
     assert float(w[750:].sum() / w.sum()) == pytest.approx(0.75) and w[:750].eq(1).all()
     assert timestep_weights(1000, "earlier", 0.0, 0.1)[:100].eq(0).all()
     assert timestep_weights(1000, "range", 3.0, begin=200, end=300)[199:301].tolist() == [1.0] + [3.0] * 100 + [1.0]
     t = TrainerConfig(timestep_bias_strategy="later", timestep_bias_multiplier=9.0, timestep_bias_portion=0.25)
-    draws = draw_timesteps(20000, 1000, t, torch.Generator().manual_seed(0))
+    draws = draw_timesteps(20000, 1000, torch.Generator().manual_seed(0), timestep_weights_for(t, 1000))
     assert draws.min() >= 0 and draws.max() <= 999
     assert float((draws >= 750).float().mean()) == pytest.approx(0.75, abs=0.015)
     t = TrainerConfig(timestep_bias_strategy="range", timestep_bias_begin=900, timestep_bias_end=1000,
                       timestep_bias_multiplier=1e9)
-    assert draw_timesteps(256, 1000, t, torch.Generator().manual_seed(0)).min() >= 900
+    assert draw_timesteps(256, 1000, torch.Generator().manual_seed(0), timestep_weights_for(t, 1000)).min() >= 900
     for override, message in [("trainer.timestep_bias_strategy=late", r"timestep_bias_strategy must be one of"),
                               ("trainer.timestep_bias_multiplier=-1", r"trainer.timestep_bias_multiplier must be >= 0"),
                               ("trainer.timestep_bias_portion=1.5", r"trainer.timestep_bias_portion must be in \(0, 1\)"),
@@ -202,7 +205,7 @@ def test_checkpoint_loads_as_a_pipeline_with_ema_and_raw_weights(trained_run, tm
     video = pipe("a red circle moving right", num_frames=2, height=16, width=16, num_inference_steps=2,
                  generator=torch.Generator().manual_seed(0), output_type="np").frames[0]
     assert video.shape == (2, 16, 16, 3) and np.isfinite(video).all()
-    from modelscope_t2v.loading import convert_checkpoint
+    from modelscope_t2v.formats import convert_checkpoint
 
     out = convert_checkpoint(str(last), str(tmp_path / "export"), "diffusers", progress=False)
     exported = TextToVideoSDPipeline.from_pretrained(out)
@@ -301,7 +304,7 @@ import torch.distributed as dist
 sys.path[:0] = [{root!r}, {tests!r}]
 dist.init_process_group("gloo")  # train() joins a process group it finds (and leaves it open)
 from test_train import BASE, compose_cfg
-from modelscope_t2v.train_loop import train
+from modelscope_t2v.training import train
 
 for parallel, run in (("ddp", sys.argv[1]), ("fsdp", sys.argv[2])):
     train(compose_cfg(BASE + ["trainer.max_steps=3", "trainer.grad_accum=2", f"trainer.parallel={{parallel}}",
@@ -401,7 +404,7 @@ def _poison(monkeypatch, bad_batches: set[int]) -> None:
                 batch["pixels"] = torch.full_like(batch["pixels"], float("nan"))
             yield batch
 
-    monkeypatch.setattr(data_lib, "make_loader", make_loader)
+    monkeypatch.setattr(training_loop, "make_loader", make_loader)
 
 
 def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):

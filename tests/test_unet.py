@@ -9,13 +9,9 @@ import json
 import pytest
 import torch
 
-from modelscope_t2v.convert import ConversionError, apply_table, invert, shapes_of
-from modelscope_t2v.unet import (
-    UNET_PRESETS,
-    TemporalConvBlock,
-    TemporalTransformer,
-    UNet3D,
-    UNetConfig,
+from modelscope_t2v.formats.tables import ConversionError, apply_table, invert, shapes_of
+from modelscope_t2v.models.unet import UNET_PRESETS, TemporalConvBlock, TemporalTransformer, UNet3D, UNetConfig
+from modelscope_t2v.formats.unet_layout import (
     unet_config_from_diffusers,
     unet_config_from_original,
     unet_config_to_diffusers,
@@ -295,7 +291,7 @@ def test_spatial_position_embedding_tells_places_apart(original_pair):
     """A spatial transformer is blind to where a pixel is (permuting the pixels permutes its output); with
     the embedding it is not, and it tells left from right (sin features are odd about the centre).
     Parameter-free: the same tensors load into either network; the flag survives both layouts' configs."""
-    from modelscope_t2v.unet import SpatialTransformer, frame_position_features
+    from modelscope_t2v.models.unet import SpatialTransformer, frame_position_features
 
     torch.manual_seed(0)
     plain = perturb_(SpatialTransformer(32, 16, 24, 8)).eval()

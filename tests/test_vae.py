@@ -11,12 +11,9 @@ import torch
 from diffusers.models import AutoencoderKL as DiffusersAutoencoderKL
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
-from modelscope_t2v.convert import ConversionError, apply_table, invert, prefixed, shapes_of
-from modelscope_t2v.vae import (
-    VAE_PRESETS,
-    AutoencoderKL,
-    DiagonalGaussian,
-    VAEConfig,
+from modelscope_t2v.formats.tables import ConversionError, apply_table, invert, prefixed, shapes_of
+from modelscope_t2v.models.vae import VAE_PRESETS, AutoencoderKL, DiagonalGaussian, VAEConfig
+from modelscope_t2v.formats.vae_layout import (
     vae_config_from_diffusers,
     vae_config_from_original,
     vae_config_to_diffusers,

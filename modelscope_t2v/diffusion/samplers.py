@@ -44,18 +44,19 @@ from typing import Callable, Optional, Sequence, Union
 
 import torch
 
+from .noise import Generator, randn_like
+
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 DPM_ALGORITHMS = ("dpmsolver++", "sde-dpmsolver++")
 DPM_SOLVER_TYPES = ("midpoint", "heun")
 
 ModelFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 Callback = Callable[[int, torch.Tensor, torch.Tensor], Optional[torch.Tensor]]
-Generator = Union[torch.Generator, Sequence[torch.Generator], None]
 Timesteps = Union[torch.Tensor, Sequence[int]]
 
 
 # ----------------------------------------------------------------------------------------------
-# Small helpers: argument checks, scalar coefficients, noise drawn in diffusers' order.
+# Small helpers: argument checks, scalar coefficients.
 
 
 def _check_prediction_type(prediction_type: str) -> None:
@@ -82,43 +83,6 @@ def _coef(value: float) -> torch.Tensor:
     return torch.tensor(value, dtype=torch.float32)
 
 
-def step_noise(
-    like: torch.Tensor,
-    generator: Generator = None,
-    dtype: Optional[torch.dtype] = None,
-    *,
-    frames_first: bool = True,
-) -> torch.Tensor:
-    """Standard normal noise shaped like `like`, drawn as diffusers draws a scheduler's step noise.
-
-    frames_first: 5-D video tensors (b, c, f, h, w) are drawn as (b, f, c, h, w), the layout
-        diffusers' video pipelines hand to `scheduler.step`, then permuted back (False: drawn in
-        like's own layout, as `scheduler.step` does with whatever it is given).
-    CPU generators draw on the CPU and the result is moved (diffusers' `randn_tensor`); a list of
-    generators draws one batch entry each.
-    """
-    dtype = dtype or like.dtype
-    video = frames_first and like.ndim == 5
-    shape = (like.shape[0], like.shape[2], like.shape[1], *like.shape[3:]) if video else tuple(like.shape)
-    gens = list(generator) if isinstance(generator, (list, tuple)) else [generator]
-    if len(gens) == 1:
-        draw_shapes, per_entry = [shape], False
-    else:
-        if len(gens) != shape[0]:
-            raise ValueError(f"`generator` is a list of {len(gens)} generators for a batch of {shape[0]}")
-        draw_shapes, per_entry = [(1, *shape[1:])] * shape[0], True
-    parts = []
-    for g, s in zip(gens, draw_shapes):
-        device = like.device
-        if g is not None and g.device.type != like.device.type:
-            if g.device.type != "cpu":
-                raise ValueError(f"`generator` on {g.device} cannot draw noise for a tensor on {like.device}")
-            device = torch.device("cpu")
-        parts.append(torch.randn(s, generator=g, device=device, dtype=dtype))
-    noise = (torch.cat(parts) if per_entry else parts[0]).to(like.device)
-    return noise.permute(0, 2, 1, 3, 4) if video else noise
-
-
 def _maybe_replace(callback: Optional[Callback], i: int, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     if callback is None:
         return x
@@ -127,7 +91,7 @@ def _maybe_replace(callback: Optional[Callback], i: int, t: torch.Tensor, x: tor
 
 
 # ----------------------------------------------------------------------------------------------
-# Classifier-free guidance, forward process, training targets.
+# Classifier-free guidance.
 
 
 def cfg_model_fn(model_fn: ModelFn, guidance_scale: float) -> ModelFn:
@@ -145,23 +109,12 @@ def cfg_model_fn(model_fn: ModelFn, guidance_scale: float) -> ModelFn:
     return guided
 
 
-def _per_sample(values: torch.Tensor, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """values[t] in like's dtype/device, one entry per batch element, broadcastable against like."""
-    v = values.to(device=like.device, dtype=like.dtype)[torch.as_tensor(t, device=like.device)].flatten()
-    return v.reshape(-1, *([1] * (like.ndim - 1)))
-
-
-def add_noise(x0: torch.Tensor, noise: torch.Tensor, alphas_cumprod: torch.Tensor, t) -> torch.Tensor:
-    """Forward process q(x_t | x_0): sqrt(abar_t) x0 + sqrt(1 - abar_t) noise; `t` an int or one
-    timestep per batch element. Computed in x0's dtype, as diffusers' `add_noise`."""
-    abar = _per_sample(alphas_cumprod, t, x0)
-    return abar**0.5 * x0 + (1 - abar) ** 0.5 * noise
-
-
-def velocity(x0: torch.Tensor, noise: torch.Tensor, alphas_cumprod: torch.Tensor, t) -> torch.Tensor:
-    """The v-prediction target (Salimans & Ho 2022, sec. 4): sqrt(abar_t) noise - sqrt(1 - abar_t) x0."""
-    abar = _per_sample(alphas_cumprod, t, x0)
-    return abar**0.5 * noise - (1 - abar) ** 0.5 * x0
+def check_guidance_scale(value, where: str) -> float:
+    """A guidance scale: a finite number >= 0 (<= 1 switches guidance off), as a float; ValueError naming
+    `where` otherwise (model_index.json, the converter, sample.py, the trainer's validation all use this)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        raise ValueError(f"{where}: a guidance scale is a finite number >= 0, got {value!r}")
+    return float(value)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -235,7 +188,7 @@ def ddim(
     final_alpha_cumprod: abar after the last step; default alphas_cumprod[0] (the released
         config's `set_alpha_to_one=False`, and the original ModelScope loop); 1.0 ends at x_0.
     eta: 0 deterministic; > 0 adds s * z each step (eq. 16), z from `generator` (see
-        `step_noise`); with `generator=None` the global RNG.
+        `noise.randn_like`); with `generator=None` the global RNG.
     clip_sample: clamp predicted x_0 to [-clip_sample, clip_sample] (None: no clipping).
     """
     _check_prediction_type(prediction_type)
@@ -256,7 +209,7 @@ def ddim(
     for i, (t, t_prev) in enumerate(zip(ts.tolist(), prev.tolist())):
         t_model = torch.tensor(t, dtype=torch.int64, device=x.device)
         out = model_fn(x, t_model)
-        noise = step_noise(out, generator) if eta > 0 else None
+        noise = randn_like(out, generator) if eta > 0 else None
         x, _ = ddim_step(
             out,
             x,
@@ -383,6 +336,17 @@ def dpm_solver_update(
     return out
 
 
+def dpm_solver_step_order(i: int, n: int, history: int, *, lower_order_final: bool, first_order_final: bool) -> int:
+    """The order of step i of n, given `history` data predictions at hand (at most the solver's order):
+    the last step is first order with `lower_order_final` or `first_order_final` (a step to sigma = 0, or
+    euler_at_final), the one before at most second order with `lower_order_final` (diffusers' rule)."""
+    if i == n - 1 and (lower_order_final or first_order_final):
+        return 1
+    if i == n - 2 and lower_order_final:
+        return min(history, 2)
+    return history
+
+
 @torch.no_grad()
 def dpm_solver_multistep(
     model_fn: ModelFn,
@@ -405,7 +369,7 @@ def dpm_solver_multistep(
 
     order: 1 (= DDIM), 2 ("2M") or 3; the first steps use lower orders while the history fills.
     algorithm: "dpmsolver++" (ODE) or "sde-dpmsolver++" (fresh float32 noise from `generator`
-        every step, including the last; see `step_noise`).
+        every step, including the last; see `noise.randn_like`).
     solver_type: second-order form, "midpoint" (Alg. 2) or "heun" (ignored by order 3).
     lower_order_final: drop to order 1 at the last step and to at most order 2 at the one before
         (stabilises few-step sampling). None = diffusers' rule: only when len(timesteps) < 15.
@@ -441,13 +405,9 @@ def dpm_solver_multistep(
         out = model_fn(x, t_model)
         alpha_s, sigma_s = points[i]
         x0s = (x0s + [to_x0(out, x, alpha_s, sigma_s, prediction_type)])[-order:]
-        last, second_last = i == n - 1, i == n - 2
-        k = len(x0s)  # the history available: min(i + 1, order)
-        if last and (final_timestep is None or euler_at_final or lower_order_final):
-            k = 1
-        elif second_last and lower_order_final:
-            k = min(k, 2)
-        noise = step_noise(out, generator, torch.float32) if algorithm == "sde-dpmsolver++" else None
+        k = dpm_solver_step_order(i, n, len(x0s), lower_order_final=lower_order_final,
+                                  first_order_final=final_timestep is None or euler_at_final)
+        noise = randn_like(out, generator, torch.float32) if algorithm == "sde-dpmsolver++" else None
         alphas = [p[0] for p in points[i + 1 - k : i + 2]]
         sigmas = [p[1] for p in points[i + 1 - k : i + 2]]
         x = dpm_solver_update(

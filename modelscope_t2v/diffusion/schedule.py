@@ -1,4 +1,4 @@
-"""The discrete-time VP noise schedule and the timestep spacings that samplers walk over.
+"""The discrete-time VP noise schedule, its forward process, and the timestep spacings samplers walk over.
 
 Why: a sampler is only as reproducible as the exact list of integer timesteps it visits and the
 alpha it steps to after the last one. Every spacing is its own small function so that a pipeline,
@@ -112,6 +112,29 @@ def make_alphas_cumprod(
     if zero_terminal_snr:
         betas = rescale_zero_terminal_snr(betas)
     return alphas_cumprod(betas)
+
+
+# ----------------------------------------------------------------------------------------------
+# The forward process and the v target, at integer timesteps.
+
+
+def _per_sample(values: torch.Tensor, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """values[t] in like's dtype/device, one entry per batch element, broadcastable against like."""
+    v = values.to(device=like.device, dtype=like.dtype)[torch.as_tensor(t, device=like.device)].flatten()
+    return v.reshape(-1, *([1] * (like.ndim - 1)))
+
+
+def add_noise(x0: torch.Tensor, noise: torch.Tensor, alphas_cumprod: torch.Tensor, t) -> torch.Tensor:
+    """Forward process q(x_t | x_0): sqrt(abar_t) x0 + sqrt(1 - abar_t) noise; `t` an int or one
+    timestep per batch element. Computed in x0's dtype, as diffusers' `add_noise`."""
+    abar = _per_sample(alphas_cumprod, t, x0)
+    return abar**0.5 * x0 + (1 - abar) ** 0.5 * noise
+
+
+def velocity(x0: torch.Tensor, noise: torch.Tensor, alphas_cumprod: torch.Tensor, t) -> torch.Tensor:
+    """The v-prediction target (Salimans & Ho 2022, sec. 4): sqrt(abar_t) noise - sqrt(1 - abar_t) x0."""
+    abar = _per_sample(alphas_cumprod, t, x0)
+    return abar**0.5 * noise - (1 - abar) ** 0.5 * x0
 
 
 # ----------------------------------------------------------------------------------------------

@@ -4,20 +4,21 @@ Frames are encoded and decoded one by one: a video `b c f h w` is folded into a 
 model has no temporal layers. Numerics follow the two reference layouts it loads from: the diffusers
 `AutoencoderKL` (damo-vilab/text-to-video-ms-1.7b, zeroscope) and the LDM autoencoder of the original
 ModelScope release (`VQGAN_autoencoder.pth`). The file reads top to bottom: config, posterior, blocks,
-the model, configs of the other layouts, key tables, presets.
+the model, presets. How the released layouts name its tensors: `modelscope_t2v.formats.vae_layout`.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Mapping, Sequence
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from modelscope_t2v.convert import Rename, Rule, with_src_ndim
+from ..diffusion.noise import randn_like
+from .base import Model
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -80,7 +81,7 @@ class DiagonalGaussian:
         generator's device (then moved), one draw for the whole batch or one per batch element when a
         list of generators is given. A video's noise is drawn in the frames-folded layout `(b f) c h w`
         that diffusers' pipelines encode in, then unfolded, so seeds give the same latents."""
-        eps = _randn_like_diffusers(self.mean, generator)
+        eps = randn_like(self.mean, generator)  # like the mean: b c f h w drawn as b f c h w
         return self.mean + self.std * eps
 
     def mode(self) -> Tensor:
@@ -90,28 +91,6 @@ class DiagonalGaussian:
         """KL(q || N(0, I)) per sample, summed over every non-batch dim (LDM eq. for a diagonal Gaussian)."""
         dims = tuple(range(1, self.mean.ndim))
         return 0.5 * torch.sum(self.mean.pow(2) + self.var - 1.0 - self.logvar, dim=dims)
-
-
-def _randn_like_diffusers(mean: Tensor, generator: torch.Generator | list[torch.Generator] | None) -> Tensor:
-    video = mean.ndim == 5
-    shape = (mean.shape[0] * mean.shape[2], mean.shape[1], *mean.shape[3:]) if video else tuple(mean.shape)
-
-    def draw(shape, gen):
-        device = gen.device if gen is not None else mean.device
-        if gen is not None and gen.device.type not in ("cpu", mean.device.type):
-            raise ValueError(f"generator on {gen.device} cannot draw noise for a tensor on {mean.device}")
-        return torch.randn(shape, generator=gen, device=device, dtype=mean.dtype).to(mean.device)
-
-    if isinstance(generator, (list, tuple)):
-        if len(generator) != mean.shape[0]:
-            raise ValueError(f"generator: got {len(generator)} generators for a batch of {mean.shape[0]}")
-        per = shape[0] // mean.shape[0]  # frames per batch element (1 for images)
-        eps = torch.cat([draw((per, *shape[1:]), g) for g in generator])  # (b f) c h w
-    else:
-        eps = draw(shape, generator)  # (b f) c h w | n c h w
-    if video:
-        eps = rearrange(eps, "(b f) c h w -> b c f h w", b=mean.shape[0])
-    return eps
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -265,7 +244,7 @@ class Decoder(nn.Module):
 # The model
 
 
-class AutoencoderKL(nn.Module):
+class AutoencoderKL(Model):
     """KL-regularised autoencoder. Images `n c h w` or videos `b c f h w` in [-1, 1]; latents unscaled
     (multiply by `config.scaling_factor` for the diffusion model, divide before `decode`)."""
 
@@ -282,14 +261,6 @@ class AutoencoderKL(nn.Module):
         self.chunk_size: int | None = None  # images (frames) per encoder/decoder call; None: all at once
         self.tile_size: int | None = None  # tile edge in pixels; None: no tiling
         self.tile_overlap = 0.25
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return next(self.parameters()).dtype
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.parameters()).device
 
     # -- public API ---------------------------------------------------------------------------------
 
@@ -418,214 +389,6 @@ def _blend_(before: Tensor, tile: Tensor, extent: int, dim: int) -> None:
     w_old = (1 - ramp).to(tile.dtype).to(tile.device).reshape(shape)
     head, tail = tile.narrow(dim, 0, n), before.narrow(dim, before.shape[dim] - n, n)
     head.copy_(tail * w_old + head * w_new)
-
-
-# ---------------------------------------------------------------------------------------------------
-# Configs of the other layouts
-
-
-_DIFFUSERS_DEFAULTS = {  # diffusers.AutoencoderKL.__init__ defaults, for keys a config file leaves out
-    "in_channels": 3, "out_channels": 3, "down_block_types": ["DownEncoderBlock2D"],
-    "up_block_types": ["UpDecoderBlock2D"], "block_out_channels": [64], "layers_per_block": 1,
-    "act_fn": "silu", "latent_channels": 4, "norm_num_groups": 32, "sample_size": 32,
-    "scaling_factor": 0.18215, "shift_factor": None, "latents_mean": None, "latents_std": None,
-    "force_upcast": True, "use_quant_conv": True, "use_post_quant_conv": True, "mid_block_add_attention": True,
-}
-
-
-def vae_config_from_diffusers(d: Mapping) -> VAEConfig:
-    """A diffusers `AutoencoderKL` config (vae/config.json) -> VAEConfig. Keys starting with '_' and
-    `force_upcast` (a runtime dtype policy) are ignored; anything this architecture cannot express is a
-    ValueError naming the field."""
-    unknown = sorted(k for k in d if not k.startswith("_") and k not in _DIFFUSERS_DEFAULTS)
-    if unknown:
-        raise ValueError(f"diffusers VAE config: unknown field(s) {unknown}")
-    g = {**_DIFFUSERS_DEFAULTS, **{k: v for k, v in d.items() if not k.startswith("_")}}
-    n = len(g["block_out_channels"])
-    fixed = {
-        "down_block_types": ["DownEncoderBlock2D"] * n, "up_block_types": ["UpDecoderBlock2D"] * n,
-        "act_fn": "silu", "shift_factor": None, "latents_mean": None, "latents_std": None,
-        "use_quant_conv": True, "use_post_quant_conv": True,
-    }
-    for key, want in fixed.items():
-        got = list(g[key]) if isinstance(g[key], (list, tuple)) else g[key]
-        if got != want:
-            raise ValueError(f"diffusers VAE config: {key}={g[key]!r} is not supported (expected {want!r})")
-    size = g["sample_size"]
-    if isinstance(size, (list, tuple)):  # diffusers tiles with the first entry
-        size = size[0]
-    return VAEConfig(
-        in_channels=g["in_channels"], out_channels=g["out_channels"],
-        block_channels=tuple(g["block_out_channels"]), layers_per_block=g["layers_per_block"],
-        latent_channels=g["latent_channels"], norm_groups=g["norm_num_groups"],
-        scaling_factor=float(g["scaling_factor"]), sample_size=int(size),
-        mid_attention=bool(g["mid_block_add_attention"]),
-    )
-
-
-def vae_config_to_diffusers(c: VAEConfig) -> dict:
-    """VAEConfig -> the keyword arguments of diffusers' `AutoencoderKL` (its config.json fields)."""
-    n = len(c.block_channels)
-    return {
-        "in_channels": c.in_channels, "out_channels": c.out_channels,
-        "down_block_types": ["DownEncoderBlock2D"] * n, "up_block_types": ["UpDecoderBlock2D"] * n,
-        "block_out_channels": list(c.block_channels), "layers_per_block": c.layers_per_block,
-        "act_fn": "silu", "latent_channels": c.latent_channels, "norm_num_groups": c.norm_groups,
-        "sample_size": c.sample_size, "scaling_factor": c.scaling_factor, "force_upcast": True,
-        "mid_block_add_attention": c.mid_attention,
-    }
-
-
-def vae_config_from_original(state: Mapping[str, Tensor]) -> VAEConfig:
-    """Infer the config of an LDM autoencoder state dict (keys without 'first_stage_model.') from its
-    tensors: widths from conv shapes, depth from key indices. The original code hard-codes 32 norm
-    groups, and the checkpoint does not hold the scaling factor or a tile size: those get the defaults."""
-    def need(key: str) -> Tensor:
-        if key not in state:
-            raise ValueError(f"original VAE state dict: missing {key!r}")
-        return state[key]
-
-    def count(prefix: str) -> int:
-        n = 0
-        while f"{prefix}.{n}.conv1.weight" in state:
-            n += 1
-        return n
-
-    levels = 0
-    while f"encoder.down.{levels}.block.0.conv1.weight" in state:
-        levels += 1
-    if levels == 0:
-        raise ValueError("original VAE state dict: no 'encoder.down.0.block.0.*' tensors")
-    if any(".attn." in k for k in state if k.startswith(("encoder.down.", "decoder.up."))):
-        raise ValueError("original VAE state dict: attention outside the middle block (attn_resolutions) "
-                         "is not supported")
-    z = need("encoder.conv_out.weight").shape[0] // 2
-    embed = need("quant_conv.weight").shape[0] // 2
-    if embed != z:
-        raise ValueError(f"original VAE state dict: embed_dim {embed} != z_channels {z} is not supported")
-    return VAEConfig(
-        in_channels=need("encoder.conv_in.weight").shape[1],
-        out_channels=need("decoder.conv_out.weight").shape[0],
-        block_channels=tuple(need(f"encoder.down.{i}.block.0.conv2.weight").shape[0] for i in range(levels)),
-        layers_per_block=count("encoder.down.0.block"),
-        latent_channels=z,
-        norm_groups=32,
-        mid_attention="encoder.mid.attn_1.q.weight" in state,
-    )
-
-
-def vae_config_to_original(c: VAEConfig) -> dict:
-    """VAEConfig -> {'ddconfig': LDM Encoder/Decoder kwargs, 'embed_dim': int}, what the original
-    `AutoencoderKL(ddconfig, embed_dim)` takes. `resolution` only decides where attn_resolutions
-    apply (none here); it is set to the tile size."""
-    ch = c.block_channels[0]
-    if any(b % ch for b in c.block_channels):
-        raise ValueError(f"block_channels {c.block_channels} must be multiples of the first for LDM's ch_mult")
-    if c.norm_groups != 32:
-        raise ValueError(f"norm_groups={c.norm_groups}: the original code hard-codes 32")
-    if not c.mid_attention:
-        raise ValueError("mid_attention=False: the original code always builds the mid-block attention")
-    ddconfig = {
-        "double_z": True, "z_channels": c.latent_channels, "resolution": c.sample_size,
-        "in_channels": c.in_channels, "out_ch": c.out_channels, "ch": ch,
-        "ch_mult": [b // ch for b in c.block_channels], "num_res_blocks": c.layers_per_block,
-        "attn_resolutions": [], "dropout": 0.0,
-    }
-    return {"ddconfig": ddconfig, "embed_dim": c.latent_channels}
-
-
-# ---------------------------------------------------------------------------------------------------
-# Key tables: foreign key -> ours. Written per block; `invert` gives ours -> foreign.
-
-
-def _wb(src: str, dst: str) -> list[Rule]:
-    """A conv/linear/norm: weight and bias."""
-    return [Rename(f"{src}.weight", f"{dst}.weight"), Rename(f"{src}.bias", f"{dst}.bias")]
-
-
-def _resnet(src: str, dst: str, shortcut: str | None) -> list[Rule]:
-    rules = [r for part in ("norm1", "conv1", "norm2", "conv2") for r in _wb(f"{src}.{part}", f"{dst}.{part}")]
-    return rules + (_wb(f"{src}.{shortcut}", f"{dst}.shortcut") if shortcut else [])
-
-
-def _attention(src: str, dst: str, norm: str, q: str, k: str, v: str, out: str) -> list[Rule]:
-    parts = ((norm, "norm"), (q, "to_q"), (k, "to_k"), (v, "to_v"), (out, "to_out"))
-    return [r for theirs, ours in parts for r in _wb(f"{src}.{theirs}", f"{dst}.{ours}")]
-
-
-def _widths(c: VAEConfig) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
-    """(in, out) width of each encoder level and each decoder level (decoder: lowest resolution first)."""
-    enc, dec = c.block_channels, c.block_channels[::-1]
-    return ([(enc[max(i - 1, 0)], enc[i]) for i in range(len(enc))],
-            [(dec[max(i - 1, 0)], dec[i]) for i in range(len(dec))])
-
-
-def vae_diffusers_table(c: VAEConfig) -> list[Rule]:
-    """diffusers `AutoencoderKL` keys -> ours."""
-    enc, dec = _widths(c)
-    n, t = len(enc), []
-    t += _wb("encoder.conv_in", "encoder.conv_in")
-    for i, (cin, cout) in enumerate(enc):
-        for j in range(c.layers_per_block):
-            t += _resnet(f"encoder.down_blocks.{i}.resnets.{j}", f"encoder.levels.{i}.resnets.{j}",
-                         "conv_shortcut" if j == 0 and cin != cout else None)
-        if i < n - 1:
-            t += _wb(f"encoder.down_blocks.{i}.downsamplers.0.conv", f"encoder.levels.{i}.resample.conv")
-    for part in ("encoder", "decoder"):
-        t += _resnet(f"{part}.mid_block.resnets.0", f"{part}.mid.res1", None)
-        if c.mid_attention:
-            t += _attention(f"{part}.mid_block.attentions.0", f"{part}.mid.attention",
-                            "group_norm", "to_q", "to_k", "to_v", "to_out.0")
-        t += _resnet(f"{part}.mid_block.resnets.1", f"{part}.mid.res2", None)
-    t += _wb("encoder.conv_norm_out", "encoder.norm_out")
-    t += _wb("encoder.conv_out", "encoder.conv_out")
-    t += _wb("quant_conv", "moments_proj")
-    t += _wb("post_quant_conv", "latent_proj")
-    t += _wb("decoder.conv_in", "decoder.conv_in")
-    for i, (cin, cout) in enumerate(dec):
-        for j in range(c.layers_per_block + 1):
-            t += _resnet(f"decoder.up_blocks.{i}.resnets.{j}", f"decoder.levels.{i}.resnets.{j}",
-                         "conv_shortcut" if j == 0 and cin != cout else None)
-        if i < n - 1:
-            t += _wb(f"decoder.up_blocks.{i}.upsamplers.0.conv", f"decoder.levels.{i}.resample.conv")
-    t += _wb("decoder.conv_norm_out", "decoder.norm_out")
-    t += _wb("decoder.conv_out", "decoder.conv_out")
-    return t
-
-
-def vae_original_table(c: VAEConfig) -> list[Rule]:
-    """LDM autoencoder keys (without 'first_stage_model.') -> ours. LDM stores the decoder's `up` list
-    highest resolution first, the reverse of the order it runs (and of ours); its attention is 1x1 convs."""
-    enc, dec = _widths(c)
-    n, t = len(enc), []
-    t += _wb("encoder.conv_in", "encoder.conv_in")
-    for i, (cin, cout) in enumerate(enc):
-        for j in range(c.layers_per_block):
-            t += _resnet(f"encoder.down.{i}.block.{j}", f"encoder.levels.{i}.resnets.{j}",
-                         "nin_shortcut" if j == 0 and cin != cout else None)
-        if i < n - 1:
-            t += _wb(f"encoder.down.{i}.downsample.conv", f"encoder.levels.{i}.resample.conv")
-    for part in ("encoder", "decoder"):
-        t += _resnet(f"{part}.mid.block_1", f"{part}.mid.res1", None)
-        if c.mid_attention:
-            t += _attention(f"{part}.mid.attn_1", f"{part}.mid.attention", "norm", "q", "k", "v", "proj_out")
-        t += _resnet(f"{part}.mid.block_2", f"{part}.mid.res2", None)
-    t += _wb("encoder.norm_out", "encoder.norm_out")
-    t += _wb("encoder.conv_out", "encoder.conv_out")
-    t += _wb("quant_conv", "moments_proj")
-    t += _wb("post_quant_conv", "latent_proj")
-    t += _wb("decoder.conv_in", "decoder.conv_in")
-    for i, (cin, cout) in enumerate(dec):
-        up = n - 1 - i  # LDM index of our decoder level i
-        for j in range(c.layers_per_block + 1):
-            t += _resnet(f"decoder.up.{up}.block.{j}", f"decoder.levels.{i}.resnets.{j}",
-                         "nin_shortcut" if j == 0 and cin != cout else None)
-        if i < n - 1:
-            t += _wb(f"decoder.up.{up}.upsample.conv", f"decoder.levels.{i}.resample.conv")
-    t += _wb("decoder.norm_out", "decoder.norm_out")
-    t += _wb("decoder.conv_out", "decoder.conv_out")
-    # LDM's mid-block attention projections are 1x1 Conv2d weights, (o, i, 1, 1).
-    return with_src_ndim(t, 4, lambda k: ".mid.attn_1." in k and k.endswith(("q.weight", "k.weight", "v.weight", "proj_out.weight")))
 
 
 # ---------------------------------------------------------------------------------------------------

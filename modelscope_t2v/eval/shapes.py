@@ -1,5 +1,5 @@
 """Reading generated shapes videos back: the object's colour, shape and direction, and accuracy over
-prompt/seed pairs. Used by evaluate.py, the notebooks and the tests.
+prompt/seed pairs, and the caption probe. Used by evaluate.py, the notebooks and the tests.
 
 The measurements are deliberately simple and calibrated on the renderer itself (tests/test_shapes_eval.py
 checks that every rendered clip of the grammar reads back correctly):
@@ -21,8 +21,12 @@ from dataclasses import dataclass
 from typing import Iterable, Sequence
 
 import numpy as np
+import torch
 
-from .data import COLOR_RGB, COLORS, DIRECTIONS, SHAPES, parse_shapes_caption, shapes_caption
+from ..data.shapes import COLOR_RGB, COLORS, DIRECTIONS, SHAPES, ShapesDataset, parse_shapes_caption, shapes_caption
+from ..diffusion.losses import diffusion_loss, diffusion_target
+from ..diffusion.schedule import add_noise
+from ..schedulers import DDIMScheduler, make_sampler
 
 FOREGROUND_THRESHOLD = 0.5  # of full intensity, on the brightest channel
 # bounding-box fill -> shape: triangle 0.5 | circle 0.785 | square 1.0, split at the midpoints
@@ -134,8 +138,6 @@ def generate(pipe, pairs: Sequence[tuple[str, int]], *, steps: int, guidance: fl
     seeded with its seed, so a video does not depend on the batch it ran in, every sampler starts from
     the same noise for the same pair, and it is the video `python sample.py prompt=<prompt> seed=<seed>`
     writes."""
-    import torch
-
     out = []
     for start in range(0, len(pairs), batch_size):
         chunk = pairs[start:start + batch_size]
@@ -155,8 +157,6 @@ def run_setting(pipe, pairs: Sequence[tuple[str, int]], sampler: str, steps: int
     """One sampler setting over (prompt, seed) pairs: `pipe.scheduler` becomes sampler `sampler` built from
     the checkpoint's scheduler `config` (`spacing` overrides its timestep spacing), then `generate`.
     Returns the videos (n f h w 3 in [0, 1]) and the seconds they took."""
-    from .schedulers import make_sampler
-
     pipe.scheduler = make_sampler(sampler, config, spacing)
     t0 = time.perf_counter()
     videos = generate(pipe, pairs, steps=steps, guidance=guidance, batch_size=batch_size)
@@ -202,11 +202,9 @@ HELDOUT_SEED = 10_000  # a shapes_seed no training config uses
 
 
 def heldout_videos(n: int, num_frames: int = 16, size: int = 64, *, start_images: bool = False
-                   ) -> list[tuple[str, "torch.Tensor"]]:
+                   ) -> list[tuple[str, torch.Tensor]]:
     """`n` (caption, clip c f h w in [-1, 1]) shapes videos from a data seed no training run uses; or,
     with `start_images`, 1-frame clip starts captioned with their direction (data.ShapesDataset image_start)."""
-    from .data import ShapesDataset
-
     ds = ShapesDataset(n, num_frames=num_frames, height=size, width=size, seed=HELDOUT_SEED,
                        image=start_images, image_start=start_images)
     return [(item["caption"], item["pixels"]) for item in (ds[i] for i in range(n))]
@@ -254,11 +252,6 @@ def caption_probe(pipe, n: int = 16, timesteps: Sequence[int] = (999, 950, 900, 
     two (NaN for start images) are the variance over frames of the model's x0 estimate at the highest timestep (per clip, averaged)
     and of the clean latents; a model that draws every clip static at the start of sampling has the first
     near 0 whatever the second."""
-    import torch
-
-    from .samplers import add_noise, velocity
-    from .schedulers import DDIMScheduler
-
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
     for v in variants:
@@ -285,10 +278,10 @@ def caption_probe(pipe, n: int = 16, timesteps: Sequence[int] = (999, 950, 900, 
         for t in order:
             ts = torch.full((n,), t, device=device)
             noisy = add_noise(latents, noise, ac.to(device), ts)  # b c f h w
-            target = noise if prediction == "epsilon" else velocity(latents, noise, ac.to(device), ts)
+            target = diffusion_target(latents, noise, ac.to(device), ts, prediction)  # b c f h w
             for v in variants:
                 pred = pipe.unet(noisy.to(dtype), ts, text[v].to(dtype)).float()  # b c f h w
-                loss[v][t] = float(((pred - target) ** 2).mean())
+                loss[v][t] = float(diffusion_loss(pred, target))
                 if v == variants[0] and t == order[0]:  # the x0 estimate at the noisiest timestep
                     a, s = ac[t].sqrt().to(device), (1 - ac[t]).sqrt().to(device)
                     if prediction == "epsilon":  # (x_t - s eps) / a; undefined at zero SNR

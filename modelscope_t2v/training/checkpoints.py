@@ -1,5 +1,5 @@
 """Training checkpoints that a crash cannot corrupt: atomic step folders, a `last` link, optimizer state
-in safetensors.
+in safetensors, and what a step folder holds.
 
 Why: a run killed at any moment (SIGKILL, preemption, power) must leave `checkpoints/last` loadable and
 resumable. Every checkpoint is written into a hidden temporary folder, its files are fsync'ed, and only
@@ -8,7 +8,8 @@ another rename. A reader therefore sees the old checkpoint or the new one, never
 temporary folder left by a crash is removed on the next start.
 
     checkpoints/
-      step-00000010/   a loadable pipeline folder (diffusers layout) + raw/ + training_state/
+      step-00000010/   a loadable pipeline folder (diffusers layout; the EMA weights if the run keeps an EMA)
+                       + raw/ (the same pipeline with the raw weights) + training_state/
       step-00000020/
       last -> step-00000020
 
@@ -18,16 +19,19 @@ does not depend on parameter order or on how the model is wrapped (DDP, FSDP) wh
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from torch import nn
 
+from ..formats.files import read_json, write_json, write_safetensors
+from ..formats.folders import write_diffusers_component, write_model_index, write_scheduler
+from ..pipelines import TextToVideoSDPipeline
 from .ema import full_tensor, like_param
 
 LAST = "last"
@@ -156,21 +160,6 @@ def link_tree(src: Path, dst: Path) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------
-# Small files.
-
-
-def write_json(path: Path, obj: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
-
-
-def read_json(path: Path) -> Any:
-    return json.loads(path.read_text())
-
-
-# ---------------------------------------------------------------------------------------------------
 # Optimizer state by parameter name.
 
 
@@ -192,10 +181,9 @@ def optimizer_full_state(optimizer: torch.optim.Optimizer, names: Sequence[str])
     return tensors, {"param_groups": groups, "scalars": scalars, "format": 1}
 
 
-def save_optimizer(folder: Path, optimizer: torch.optim.Optimizer, names: Sequence[str]) -> None:
-    tensors, meta = optimizer_full_state(optimizer, names)
-    folder.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(folder / "optimizer.safetensors"))
+def write_optimizer(folder: Path, tensors: Mapping[str, torch.Tensor], meta: dict) -> None:
+    """What `optimizer_full_state` returned, as optimizer.safetensors + optimizer.json."""
+    write_safetensors(folder / "optimizer.safetensors", tensors)
     write_json(folder / "optimizer.json", meta)
 
 
@@ -226,3 +214,46 @@ def load_optimizer(folder: Path, optimizer: torch.optim.Optimizer, names: Sequen
               else {**g, "params": [index[n] for n in g["params"]]} for g in meta["param_groups"]]
     optimizer.load_state_dict({"state": state, "param_groups": groups})
 
+
+# ---------------------------------------------------------------------------------------------------
+# What a step folder holds.
+
+PIPELINE_PARTS = ("unet", "vae", "text_encoder", "tokenizer")  # the pipeline's folders a run may link
+
+
+def write_training_checkpoint(folder: Path, *, pipe: TextToVideoSDPipeline, scheduler, shown: Mapping[str, nn.Module],
+                              raw: Mapping[str, Mapping[str, torch.Tensor]] | None, previous: Path | None,
+                              optimizer: tuple[dict, dict], scaler: dict | None, trainer_state: dict) -> None:
+    """Fill a (temporary) step folder: the pipeline with the trained components `shown` (EMA weights, or the
+    raw ones without an EMA) in the diffusers layout, `raw/` with the `raw` weights (None: no EMA, raw/ is the
+    same as the folder), and training_state/ (optimizer, grad scaler, trainer_state.json written last).
+
+    The frozen components never change within a run: from the second checkpoint on they are hard-linked
+    from `previous` (no 1.7 GB rewrite of text encoder + autoencoder at full size); the rest is what
+    save_pretrained writes (tests/test_train.py compares the two file lists). raw/ links everything it
+    shares with the folder."""
+    trained = set(shown)
+    frozen = [n for n in PIPELINE_PARTS if n not in trained]
+    if previous is None or not all((previous / n).is_dir() for n in frozen):
+        out = TextToVideoSDPipeline(**{**pipe.components, **shown, "scheduler": scheduler})
+        out.default_guidance_scale = pipe.default_guidance_scale  # carried from the start model
+        out.save_pretrained(folder)
+    else:
+        for name in frozen:
+            link_tree(previous / name, folder / name)
+        for name, module in shown.items():
+            write_diffusers_component(name, folder, module.config, module.state_dict())
+        write_scheduler(folder, dict(scheduler.config))
+        write_model_index(folder, TextToVideoSDPipeline.__name__, type(scheduler).__name__, pipe.default_guidance_scale)
+    raw_dir = folder / "raw"
+    for name, state in (raw or {}).items():
+        write_diffusers_component(name, raw_dir, shown[name].config, state)
+    for entry in list(folder.iterdir()):
+        if entry.name != "raw" and (raw is None or entry.name not in trained):
+            link_tree(entry, raw_dir / entry.name)
+    state_dir = folder / "training_state"
+    state_dir.mkdir()
+    write_optimizer(state_dir, *optimizer)
+    if scaler is not None:
+        write_json(state_dir / "scaler.json", scaler)
+    write_json(state_dir / "trainer_state.json", trainer_state)  # written last

@@ -3,13 +3,13 @@
 Why a transformers `CLIPTextModel`: it is exactly what the diffusers layout stores (23 of the 24
 OpenCLIP layers, then `final_layer_norm`), so `text_encoder(ids)[0]` (the last hidden state) *is*
 ModelScope's "penultimate" embedding. The original layout's `open_clip_pytorch_model.bin` (a whole
-open_clip CLIP state dict, vision tower included) is converted into it with an explicit key table.
+open_clip CLIP state dict, vision tower included) is converted into it by `formats.text_layout`.
 
 Tokens: CLIP BPE, 77 positions, padded with "!" (id 0), because open_clip pads with 0 and the model
 was trained that way. The vocabulary ships inside the open_clip package, so the tokenizer is built
 offline from it without importing open_clip (which pulls in torchvision).
 
-Contents: presets -> model -> tokenizer -> open_clip key table -> diffusers layout.
+Contents: presets -> model -> tokenizer.
 """
 
 from __future__ import annotations
@@ -26,7 +26,6 @@ from typing import Mapping, Sequence
 import torch
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-from .convert import ConversionError, Rename, Rule, Split, apply_table, invert, prefixed
 
 # ----------------------------------------------------------------------------------------------------
 # Presets: CLIPTextConfig keyword arguments.
@@ -37,39 +36,27 @@ from .convert import ConversionError, Rename, Rule, Split, apply_table, invert, 
 
 _RELEASED_TOKEN_IDS = dict(pad_token_id=1, bos_token_id=0, eos_token_id=2)
 
+
+def _tower(width: int, mlp: int, layers: int, heads: int, projection_dim: int) -> dict:
+    """An OpenCLIP-style text tower over CLIP's 49,408-token vocabulary and 77 positions. hidden_act "gelu"
+    is the exact erf GELU (nn.GELU in open_clip), not OpenAI CLIP's quick_gelu; projection_dim is unused
+    by CLIPTextModel (the released config.json carries it)."""
+    return dict(vocab_size=49408, hidden_size=width, intermediate_size=mlp, num_hidden_layers=layers,
+                num_attention_heads=heads, max_position_embeddings=77, hidden_act="gelu", layer_norm_eps=1e-5,
+                projection_dim=projection_dim, **_RELEASED_TOKEN_IDS)
+
+
 TEXT_PRESETS: dict[str, dict] = {
-    # For tests: the real 49408-token vocabulary (so the real tokenizer works), 32 wide to match the
-    # tiny UNet's cross_attention_dim. One head: the head-count rule below (heads = width // 64, at
+    # For tests: the real vocabulary (so the real tokenizer works), 32 wide to match the tiny UNet's
+    # cross_attention_dim. One head: the head-count rule of formats.text_layout (heads = width // 64, at
     # least 1) must give back the preset's head count from an open_clip file, which carries no heads.
-    "tiny": dict(
-        vocab_size=49408,
-        hidden_size=32,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=1,
-        max_position_embeddings=77,
-        hidden_act="gelu",
-        layer_norm_eps=1e-5,
-        projection_dim=32,  # unused by CLIPTextModel
-        **_RELEASED_TOKEN_IDS,
-    ),
+    "tiny": _tower(width=32, mlp=128, layers=2, heads=1, projection_dim=32),
     # OpenCLIP ViT-H/14 text tower, 24 layers trained, 23 used (penultimate): 340.4M parameters.
-    "ms-1.7b": dict(
-        vocab_size=49408,
-        hidden_size=1024,
-        intermediate_size=4096,
-        num_hidden_layers=23,
-        num_attention_heads=16,
-        max_position_embeddings=77,
-        hidden_act="gelu",  # exact erf GELU (nn.GELU in open_clip), not OpenAI CLIP's quick_gelu
-        layer_norm_eps=1e-5,
-        projection_dim=512,  # unused by CLIPTextModel; the released config.json carries it
-        **_RELEASED_TOKEN_IDS,
-    ),
+    "ms-1.7b": _tower(width=1024, mlp=4096, layers=23, heads=16, projection_dim=512),
 }
 
 # The fields that define a text tower, in the order the released config.json lists them.
-_CONFIG_FIELDS = (
+TEXT_CONFIG_FIELDS = (
     "attention_dropout",
     "bos_token_id",
     "eos_token_id",
@@ -88,7 +75,8 @@ _CONFIG_FIELDS = (
 )
 
 
-def _as_config(config: CLIPTextConfig | dict | str) -> CLIPTextConfig:
+def text_config(config: CLIPTextConfig | dict | str) -> CLIPTextConfig:
+    """A CLIPTextConfig from itself, a preset name, or a config.json mapping (unknown fields refused)."""
     if isinstance(config, CLIPTextConfig):
         return config
     if isinstance(config, str):
@@ -98,10 +86,10 @@ def _as_config(config: CLIPTextConfig | dict | str) -> CLIPTextConfig:
     if isinstance(config, Mapping):
         # A loaded config.json (or `config.to_dict()`) also carries keys that describe the file or are
         # generic to every transformers config; only the tower's own fields are taken.
-        unknown = sorted(set(config) - set(_CONFIG_FIELDS) - _CONFIG_BOOKKEEPING - _generic_config_keys())
+        unknown = sorted(set(config) - set(TEXT_CONFIG_FIELDS) - _CONFIG_BOOKKEEPING - _generic_config_keys())
         if unknown:
             raise ValueError(f"config: unknown CLIPTextConfig field(s) {unknown}")
-        return CLIPTextConfig(**{k: v for k, v in config.items() if k in _CONFIG_FIELDS})
+        return CLIPTextConfig(**{k: v for k, v in config.items() if k in TEXT_CONFIG_FIELDS})
     raise TypeError(f"config: expected a CLIPTextConfig, a dict or a preset name, got {type(config).__name__}")
 
 
@@ -131,17 +119,7 @@ def build_text_encoder(config: CLIPTextConfig | dict | str) -> CLIPTextModel:
 
     Embeddings are `model(input_ids)[0]`: (b, 77, width), the penultimate OpenCLIP layer after ln_final.
     """
-    return CLIPTextModel(_as_config(config)).eval()
-
-
-@functools.lru_cache(maxsize=None)
-def _model_prefix() -> str:
-    """Where `CLIPTextModel` keeps the tower in its state dict: '' (transformers 5) or 'text_model.' (4.x)."""
-    tiny = dict(vocab_size=4, hidden_size=4, intermediate_size=4, num_hidden_layers=1,
-                num_attention_heads=1, max_position_embeddings=4, pad_token_id=0, bos_token_id=0, eos_token_id=0)  # fmt: skip
-    with torch.device("meta"):
-        model = CLIPTextModel(CLIPTextConfig(**tiny))
-    return "text_model." if hasattr(model, "text_model") else ""
+    return CLIPTextModel(text_config(config)).eval()
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -307,194 +285,3 @@ def tokenize(tokenizer: CLIPTokenizer, prompts: Sequence[str] | str, *, match: s
     return batch.input_ids
 
 
-# ----------------------------------------------------------------------------------------------------
-# The original layout: open_clip's CLIP state dict <-> CLIPTextModel.
-# open_clip keys (text tower of `open_clip.model.CLIP`): token_embedding.weight, positional_embedding,
-# transformer.resblocks.{i}.{ln_1, attn.in_proj_*, attn.out_proj, ln_2, mlp.c_fc, mlp.c_proj}, ln_final,
-# text_projection, logit_scale, plus the vision tower under visual.*.
-
-_HEAD_WIDTH = 64  # every OpenCLIP text tower uses 64-wide attention heads
-
-
-def heads_for_width(width: int) -> int:
-    """The head count an open_clip file implies (it stores none): width // 64, at least 1.
-
-    Right for every released OpenCLIP text tower (ViT-H/14: 1024 / 64 = 16) and for the presets here;
-    a tower narrower than 64 is taken to have a single head (the "tiny" preset)."""
-    return max(1, width // _HEAD_WIDTH)
-
-
-def _resblock_indices(state: Mapping[str, torch.Tensor]) -> list[int]:
-    return sorted({int(k.split(".")[2]) for k in state if k.startswith("transformer.resblocks.")})
-
-
-def text_config_from_open_clip(
-    state: Mapping[str, torch.Tensor], *, heads: int | None = None, drop_last: bool | None = None
-) -> CLIPTextConfig:
-    """The CLIPTextConfig that an open_clip state dict's text tower fills, read from tensor shapes.
-
-    heads: the attention head count; None uses `heads_for_width` (width // 64, at least 1).
-    drop_last: whether the file's last resblock is the unused one (ModelScope reads the penultimate
-        layer). None decides from the file: a whole open_clip CLIP model (it has `text_projection`)
-        holds all layers and drops its last; a text tower written by `clip_text_to_open_clip` (no
-        `text_projection`) holds exactly the layers used.
-    """
-    for key in ("token_embedding.weight", "positional_embedding", "transformer.resblocks.0.mlp.c_fc.weight"):
-        if key not in state:
-            raise ConversionError(f"open_clip text tower: missing tensor {key!r}")
-    vocab_size, width = state["token_embedding.weight"].shape
-    blocks = _resblock_indices(state)
-    if blocks != list(range(len(blocks))):
-        raise ConversionError(f"open_clip text tower: resblock indices {blocks} are not 0..{len(blocks) - 1}")
-    if drop_last is None:
-        drop_last = any(k.startswith("text_projection") for k in state)
-    layers = len(blocks) - int(drop_last)
-    if layers < 1:
-        raise ConversionError(f"open_clip text tower: {len(blocks)} resblock(s) leave no layer to use")
-    if heads is None:
-        heads = heads_for_width(width)
-    if heads < 1 or width % heads:
-        raise ValueError(f"heads: {heads} does not divide the text width {width}")
-    return CLIPTextConfig(
-        **{
-            **TEXT_PRESETS["ms-1.7b"],
-            "vocab_size": vocab_size,
-            "hidden_size": width,
-            "intermediate_size": state["transformer.resblocks.0.mlp.c_fc.weight"].shape[0],
-            "num_hidden_layers": layers,
-            "num_attention_heads": heads,
-            "max_position_embeddings": state["positional_embedding"].shape[0],
-        }
-    )
-
-
-def open_clip_text_table(config: CLIPTextConfig, layers_in_file: int) -> list[Rule]:
-    """open_clip key -> CLIPTextModel key, for a file with `layers_in_file` text resblocks.
-
-    layers_in_file is config.num_hidden_layers (a text tower cut at the penultimate layer) or one more
-    (a whole open_clip model; its last block is left to `open_clip_ignored`).
-    """
-    n = config.num_hidden_layers
-    if layers_in_file not in (n, n + 1):
-        raise ValueError(f"layers_in_file: {layers_in_file} resblocks cannot fill {n} layers (need {n} or {n + 1})")
-    table: list[Rule] = [
-        Rename("token_embedding.weight", "embeddings.token_embedding.weight"),
-        Rename("positional_embedding", "embeddings.position_embedding.weight"),
-    ]
-    for i in range(n):
-        src, dst = f"transformer.resblocks.{i}.", f"encoder.layers.{i}."
-        table += [
-            Rename(src + "ln_1.weight", dst + "layer_norm1.weight"),
-            Rename(src + "ln_1.bias", dst + "layer_norm1.bias"),
-            # nn.MultiheadAttention stacks the q, k, v projections in that order.
-            Split(src + "attn.in_proj_weight", tuple(dst + f"self_attn.{p}_proj.weight" for p in "qkv")),
-            Split(src + "attn.in_proj_bias", tuple(dst + f"self_attn.{p}_proj.bias" for p in "qkv")),
-            Rename(src + "attn.out_proj.weight", dst + "self_attn.out_proj.weight"),
-            Rename(src + "attn.out_proj.bias", dst + "self_attn.out_proj.bias"),
-            Rename(src + "ln_2.weight", dst + "layer_norm2.weight"),
-            Rename(src + "ln_2.bias", dst + "layer_norm2.bias"),
-            Rename(src + "mlp.c_fc.weight", dst + "mlp.fc1.weight"),
-            Rename(src + "mlp.c_fc.bias", dst + "mlp.fc1.bias"),
-            Rename(src + "mlp.c_proj.weight", dst + "mlp.fc2.weight"),
-            Rename(src + "mlp.c_proj.bias", dst + "mlp.fc2.bias"),
-        ]
-    table += [
-        Rename("ln_final.weight", "final_layer_norm.weight"),
-        Rename("ln_final.bias", "final_layer_norm.bias"),
-    ]
-    return prefixed(table, dst_prefix=_model_prefix())
-
-
-# Whole-model open_clip keys that the text encoder does not use.
-_OPEN_CLIP_UNUSED = ("text_projection", "logit_scale", "logit_bias", "attn_mask")
-
-
-def open_clip_ignored(key: str, config: CLIPTextConfig) -> bool:
-    """Whether an open_clip key is legitimately left out of the text encoder: the vision tower, the last
-    text resblock (only the pooled output used it), the projection and logit scale/bias, the causal
-    mask buffer (CLIPTextModel builds its own). Anything else left over is an error."""
-    if key.startswith("visual."):
-        return True
-    if key.split(".")[0] in _OPEN_CLIP_UNUSED:
-        return True
-    return key.startswith(f"transformer.resblocks.{config.num_hidden_layers}.")
-
-
-def _open_clip_text_shapes(config: CLIPTextConfig) -> dict[str, tuple[int, ...]]:
-    """Shapes of the open_clip text tower keys that `clip_text_to_open_clip` writes."""
-    w, m = config.hidden_size, config.intermediate_size
-    shapes = {
-        "token_embedding.weight": (config.vocab_size, w),
-        "positional_embedding": (config.max_position_embeddings, w),
-        "ln_final.weight": (w,),
-        "ln_final.bias": (w,),
-    }
-    for i in range(config.num_hidden_layers):
-        p = f"transformer.resblocks.{i}."
-        shapes.update({
-            p + "ln_1.weight": (w,), p + "ln_1.bias": (w,),
-            p + "attn.in_proj_weight": (3 * w, w), p + "attn.in_proj_bias": (3 * w,),
-            p + "attn.out_proj.weight": (w, w), p + "attn.out_proj.bias": (w,),
-            p + "ln_2.weight": (w,), p + "ln_2.bias": (w,),
-            p + "mlp.c_fc.weight": (m, w), p + "mlp.c_fc.bias": (m,),
-            p + "mlp.c_proj.weight": (w, m), p + "mlp.c_proj.bias": (w,),
-        })  # fmt: skip
-    return shapes
-
-
-def open_clip_to_clip_text(
-    state: Mapping[str, torch.Tensor], config: CLIPTextConfig, *, what: str = "open_clip -> CLIPTextModel"
-) -> dict[str, torch.Tensor]:
-    """An open_clip state dict (whole model or text tower) as CLIPTextModel's state dict, strictly;
-    `what` names the source in errors (e.g. the file)."""
-    table = open_clip_text_table(config, len(_resblock_indices(state)))
-    with torch.device("meta"):
-        shapes = {k: v.shape for k, v in build_text_encoder(config).state_dict().items()}
-    return apply_table(state, table, shapes, what=what, ignore=lambda k: open_clip_ignored(k, config))
-
-
-def clip_text_to_open_clip(state: Mapping[str, torch.Tensor], config: CLIPTextConfig) -> dict[str, torch.Tensor]:
-    """CLIPTextModel's state dict as an open_clip text tower (token_embedding, positional_embedding, the
-    config.num_hidden_layers resblocks, ln_final), to write the original layout. Tensors are copied."""
-    table = invert(open_clip_text_table(config, config.num_hidden_layers))
-    ignore = {_model_prefix() + "embeddings.position_ids"}  # a buffer some transformers versions save
-    out = apply_table(state, table, _open_clip_text_shapes(config), what="CLIPTextModel -> open_clip", ignore=ignore)
-    return {k: v.clone().contiguous() for k, v in out.items()}
-
-
-def text_encoder_from_open_clip(state: Mapping[str, torch.Tensor], *, heads: int | None = None) -> CLIPTextModel:
-    """Convenience: infer the config, build the model, convert and load strictly."""
-    config = text_config_from_open_clip(state, heads=heads)
-    model = build_text_encoder(config)
-    model.load_state_dict(open_clip_to_clip_text(state, config), strict=True)
-    return model
-
-
-# ----------------------------------------------------------------------------------------------------
-# The diffusers layout: text_encoder/config.json and model.safetensors.
-# The released safetensors holds keys under "text_model." (transformers 4.x's CLIPTextModel), and some
-# versions saved the position_ids buffer; transformers 5's CLIPTextModel has no "text_model." level.
-
-
-def diffusers_text_table(config: CLIPTextConfig) -> list[Rule]:
-    """Released text_encoder/model.safetensors key -> this transformers version's CLIPTextModel key."""
-    prefix = _model_prefix()
-    table = open_clip_text_table(config, config.num_hidden_layers)
-    model_keys: list[str] = []
-    for r in table:
-        model_keys += list(r.dst) if isinstance(r, Split) else [r.dst]
-    return [Rename("text_model." + k[len(prefix) :], k) for k in model_keys]
-
-
-def diffusers_text_ignored(key: str) -> bool:
-    """Released keys that are not weights: the position_ids buffer (0..76) older transformers saved."""
-    return key == "text_model.embeddings.position_ids"
-
-
-def text_config_to_diffusers(config: CLIPTextConfig | dict | str) -> dict:
-    """The content of text_encoder/config.json, as the released one lists it."""
-    config = _as_config(config)
-    out = {"architectures": ["CLIPTextModel"], "model_type": "clip_text_model"}
-    out.update({k: getattr(config, k) for k in _CONFIG_FIELDS})
-    out["torch_dtype"] = "float32"
-    return out

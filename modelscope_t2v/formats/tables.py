@@ -1,8 +1,8 @@
 """Key tables: moving state dicts between checkpoint layouts, strictly.
 
 Why: a conversion that silently drops or invents a tensor produces a model that runs and is wrong.
-Every table here is a plain list of rules written out per component (see `unet.py`, `vae.py`,
-`text.py`); `apply_table` fails unless every source key is consumed (or explicitly ignored) and
+Every table is a plain list of rules written out per component (`unet_layout.py`, `vae_layout.py`,
+`text_layout.py`); `apply_table` fails unless every source key is consumed (or explicitly ignored) and
 every target key is produced with the shape the target model expects.
 """
 

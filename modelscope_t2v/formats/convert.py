@@ -1,0 +1,120 @@
+"""Layout -> layout conversion of a whole checkpoint, one component in memory at a time
+(`convert_weights.py` is its command line)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+
+from ..diffusion.samplers import check_guidance_scale
+from .folders import (
+    COMPONENTS,
+    DEFAULT_GUIDANCE_KEY,
+    modelscope_config,
+    pipeline_class_name,
+    read_default_guidance_scale,
+    read_scheduler_config,
+    read_tokenizer,
+    write_model_index,
+    write_modelscope_config,
+    write_scheduler,
+    write_tokenizer,
+)
+from .locate import LAYOUTS, detect_layout, resolve
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+
+def convert_checkpoint(
+    src: str | os.PathLike,
+    dst: str | os.PathLike,
+    to: str,
+    *,
+    variant: str | None = None,
+    dtype: str | None = None,
+    revision: str | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+    default_guidance_scale: float | None = None,
+) -> Path:
+    """Convert any supported layout (folder or hub id) into `to` ("diffusers" or "modelscope").
+
+    `default_guidance_scale` sets model_index.json's (the guidance the pipelines use when a call gives
+    none); None carries the source's. The original layout has no place for it.
+
+    The result is assembled in a temporary sibling folder and moved into place at the end, so `dst`
+    is either the old folder, or the complete new one. `variant` selects the source weights (e.g.
+    "fp16") and, for `to="diffusers"`, names the written files the same way; `dtype` casts the tensors.
+    """
+    from tqdm.auto import tqdm
+
+    if to not in LAYOUTS:
+        raise ValueError(f"to must be one of {LAYOUTS}, got {to!r}")
+    if dtype is not None and dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    if default_guidance_scale is not None:
+        if to != "diffusers":
+            raise ValueError("default_guidance_scale: the original ModelScope layout has no place for it "
+                             "(only the diffusers layout's model_index.json)")
+        default_guidance_scale = check_guidance_scale(default_guidance_scale, "default_guidance_scale")
+    dst = Path(dst)
+    if dst.exists() and any(dst.iterdir()) and not overwrite:
+        raise FileExistsError(f"{dst} exists and is not empty (pass overwrite=True / --overwrite)")
+    folder = resolve(src, revision=revision, variant=variant)
+    layout = detect_layout(folder)
+    cast = DTYPES.get(dtype) if dtype else None
+
+    def casted(state: dict) -> dict:
+        if cast is None:
+            return state
+        return {k: v.to(cast) if v.is_floating_point() else v for k, v in state.items()}
+
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent))
+    try:
+        steps = tqdm([*COMPONENTS, "tokenizer+scheduler"], desc=f"{layout} -> {to}", disable=not progress)
+        unet_config = None
+        for step in steps:
+            steps.set_postfix_str(step)
+            if step in COMPONENTS:
+                part = COMPONENTS[step]
+                config, state = part.read(folder, layout, variant)
+                unet_config = config if step == "unet" else unet_config
+                if to == "diffusers":
+                    part.write_diffusers(tmp, config, casted(state), variant)
+                else:
+                    part.write_modelscope(tmp, config, casted(state))
+            else:
+                if to == "diffusers":
+                    write_tokenizer(tmp, read_tokenizer(folder, layout))
+                    write_scheduler(tmp, read_scheduler_config(folder, layout))
+                    guidance = default_guidance_scale
+                    if guidance is None:
+                        guidance = read_default_guidance_scale(folder, layout)
+                    write_model_index(tmp, pipeline_class_name(folder, layout), default_guidance_scale=guidance)
+                else:
+                    max_frames = modelscope_config(folder)[0].get("max_frames", 16) if layout == "modelscope" else 16
+                    dropped = read_default_guidance_scale(folder, layout)
+                    if dropped is not None:
+                        warnings.warn(f"{DEFAULT_GUIDANCE_KEY}={dropped:g} of {folder} is not carried: the original "
+                                      "ModelScope layout has no place for it", stacklevel=2)
+                    write_modelscope_config(tmp, unet_config, max_frames)
+            state = None  # free this component before reading the next
+        if dst.exists():
+            old = dst.with_name(f".{dst.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(dst, old)
+            os.replace(tmp, dst)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, dst)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return dst

@@ -1,0 +1,78 @@
+"""Files in and out: tensors (safetensors, or pickles read without running code), JSON, and atomic writes.
+
+Why one place: every read names the file it failed on, and every write goes through a temporary name and
+`os.replace`, so a crash leaves the old file or the new one, never half of one (model folders, converted
+checkpoints and training checkpoints alike).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator, Mapping
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from .safe_pickle import CheckpointReadError, safe_torch_load
+
+
+class LayoutError(ValueError):
+    """A folder is not a checkpoint layout we know, or lacks (or holds a broken) file that its layout needs."""
+
+
+def read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """A state dict from safetensors or a (safely unpickled) .bin / .pth; CheckpointReadError names the file."""
+    if path.suffix == ".safetensors":
+        try:
+            return load_file(path)
+        except (SafetensorError, OSError, ValueError) as e:
+            raise CheckpointReadError(f"{path}: unreadable or truncated safetensors file ({e})") from e
+    obj = safe_torch_load(path)
+    if not isinstance(obj, Mapping):
+        raise CheckpointReadError(f"{path}: expected a state dict, found {type(obj).__name__}")
+    return dict(obj)
+
+
+def read_json(path: Path) -> Any:
+    """A JSON file; LayoutError naming it if it is missing or not valid JSON (e.g. truncated)."""
+    if not path.is_file():
+        raise LayoutError(f"missing file {path}")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise LayoutError(f"{path}: not valid JSON ({e})") from e
+
+
+@contextlib.contextmanager
+def atomic_path(path: Path) -> Iterator[Path]:
+    """A temporary path beside `path` to write to; moved onto `path` when the block ends without error."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def write_json(path: Path, obj: Any) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def write_safetensors(path: Path, state: Mapping[str, torch.Tensor]) -> None:
+    with atomic_path(path) as tmp:
+        save_file({k: v.contiguous() for k, v in state.items()}, str(tmp), metadata={"format": "pt"})
+
+
+def write_pickle(path: Path, obj) -> None:
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
