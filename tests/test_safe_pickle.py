@@ -103,3 +103,83 @@ def test_not_a_checkpoint_is_named(tmp_path):
     path.write_bytes(b"this is not a pickle at all")
     with pytest.raises(CheckpointReadError, match="junk.bin"):
         safe_torch_load(path)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Pickles that change the process without calling anything, or allocate without bound (issue 12).
+# Written opcode by opcode; torch.load reads a non-zip file as a legacy pickle stream.
+
+import collections  # noqa: E402
+import pickle  # noqa: E402
+import struct  # noqa: E402
+
+
+def _global(module: str, name: str) -> bytes:
+    return pickle.GLOBAL + f"{module}\n{name}\n".encode()
+
+
+def _str(s: str) -> bytes:
+    b = s.encode()
+    return pickle.BINUNICODE + struct.pack("<I", len(b)) + b
+
+
+def _int(n: int) -> bytes:
+    return pickle.LONG1 + bytes([len(pickle.encode_long(n))]) + pickle.encode_long(n)
+
+
+def _write(path, body: bytes):
+    path.write_bytes(pickle.PROTO + b"\x02" + body + pickle.STOP)
+    return path
+
+
+def _slotstate(key: str, value: bytes) -> bytes:
+    """(None, {key: value}): BUILD's slot state, which pickle applies with setattr."""
+    return pickle.NONE + pickle.EMPTY_DICT + _str(key) + value + pickle.SETITEM + pickle.TUPLE2
+
+
+def _clean_file_still_loads(tmp_path):
+    sd = {"w": torch.arange(6.0).reshape(2, 3)}
+    torch.save(sd, tmp_path / "clean.bin")
+    out = safe_torch_load(tmp_path / "clean.bin")
+    assert torch.equal(out["w"], sd["w"])
+
+
+def test_state_on_a_global_function_is_refused_and_nothing_changes(tmp_path):
+    before = torch._utils._rebuild_tensor_v2.__defaults__
+    path = _write(tmp_path / "defaults.pth", _global("torch._utils", "_rebuild_tensor_v2")
+                  + _slotstate("__defaults__", pickle.NONE + pickle.TUPLE1) + pickle.BUILD)
+    with pytest.raises(UnsafeCheckpointError, match="defaults.pth.*did not create"):
+        safe_torch_load(path)
+    assert torch._utils._rebuild_tensor_v2.__defaults__ == before
+    _clean_file_still_loads(tmp_path)
+
+
+def test_state_on_a_global_class_is_refused_and_nothing_changes(tmp_path):
+    path = _write(tmp_path / "cls.pth", _global("torch.nn.parameter", "Parameter")
+                  + _slotstate("pwned", pickle.NEWTRUE) + pickle.BUILD)
+    with pytest.raises(UnsafeCheckpointError, match="cls.pth.*did not create"):
+        safe_torch_load(path)
+    assert not hasattr(torch.nn.Parameter, "pwned")
+    # the same on an unknown class (a placeholder type, not an instance of it)
+    path = _write(tmp_path / "type.pth", _global("some.module", "Thing") + _slotstate("x", pickle.NEWTRUE) + pickle.BUILD)
+    with pytest.raises(UnsafeCheckpointError, match="type.pth"):
+        safe_torch_load(path)
+    _clean_file_still_loads(tmp_path)
+
+
+@pytest.mark.parametrize("what,body", [
+    ("bytearray", _global("builtins", "bytearray") + _int(10**12) + pickle.TUPLE1 + pickle.REDUCE),
+    ("numpy", _global("numpy.core.multiarray", "_reconstruct") + _global("numpy", "ndarray")
+     + _int(10**12) + pickle.TUPLE1 + pickle.SHORT_BINBYTES + b"\x01b" + pickle.TUPLE3 + pickle.REDUCE),
+    ("tensor", _global("torch", "Tensor") + _int(10**11) + pickle.TUPLE1 + pickle.REDUCE),
+    ("newobj", _global("torch", "Tensor") + _int(10**11) + pickle.TUPLE1 + pickle.NEWOBJ),
+    ("hooks", _global("torch._utils", "_rebuild_tensor_v2") + pickle.MARK + pickle.NONE + _int(0)
+     + _int(1) + pickle.TUPLE1 + _int(1) + pickle.TUPLE1 + pickle.NEWFALSE
+     + _global("collections", "OrderedDict") + pickle.EMPTY_TUPLE + pickle.REDUCE
+     + _int(0) + _global("builtins", "bytearray") + pickle.SETITEM + pickle.TUPLE + pickle.REDUCE),
+    ("length", pickle.BINUNICODE + struct.pack("<I", 2**31 - 1) + b"abc"),
+])
+def test_allocations_beyond_the_file_are_refused_before_they_happen(tmp_path, what, body):
+    path = _write(tmp_path / f"{what}.pth", body)
+    with pytest.raises(UnsafeCheckpointError, match=f"{what}.pth"):
+        safe_torch_load(path)
