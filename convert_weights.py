@@ -20,7 +20,8 @@ def main(argv=None) -> int:
     p.add_argument("--variant", default=None, help="read (and, for diffusers, write) this weights variant, e.g. fp16")
     p.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="cast the weights")
     p.add_argument("--revision", default=None, help="hub revision of SRC")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing DST")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing DST (only a model folder this tool writes; never SRC or a folder holding it)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--default-guidance-scale", type=float, default=None, metavar="G",
                    help="the guidance scale the pipelines use when a call gives none, written to model_index.json "

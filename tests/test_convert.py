@@ -182,3 +182,31 @@ def test_apply_table_is_strict_and_invertible():
 
 def test_tiny_original_fixture_uses_the_original_constraints():
     assert TINY_ORIGINAL_UNET.cross_attention_dim == 1024 and TINY_ORIGINAL_UNET.norm_groups == 32
+
+
+def test_overwrite_replaces_only_a_model_folder_it_could_have_written(original, tmp_path, capsys):
+    """--overwrite never deletes the source, a folder holding it, or a folder with files of its own."""
+    import shutil
+
+    folder, _ = original
+    src = tmp_path / "models" / "ms"
+    shutil.copytree(folder, src)
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    for dst, message in [(src, "is the source folder"), (tmp_path / "models", "contains the source"),
+                         (tmp_path, "contains the source")]:
+        assert convert_main([str(src), str(dst), "--to", "diffusers", "--overwrite", "--quiet"]) == 2
+        assert message in capsys.readouterr().err
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
+    # a previous conversion is replaced; one with a file of the user's beside it is not
+    out = tmp_path / "out"
+    assert convert_main([str(src), str(out), "--to", "diffusers", "--quiet"]) == 0
+    assert convert_main([str(src), str(out), "--to", "diffusers", "--overwrite", "--quiet"]) == 0
+    (out / "unet" / "notes.txt").write_text("mine")
+    assert convert_main([str(src), str(out), "--to", "diffusers", "--overwrite", "--quiet"]) == 2
+    assert "unet/notes.txt" in capsys.readouterr().err and (out / "unet" / "notes.txt").read_text() == "mine"
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    assert convert_main([str(src), str(tmp_path / "run"), "--to", "modelscope", "--overwrite", "--quiet"]) == 2
+    assert (tmp_path / "run" / "checkpoints").is_dir()
+    ms = tmp_path / "ms-out"
+    assert convert_main([str(out), str(ms), "--to", "modelscope", "--quiet"]) == 0
+    assert convert_main([str(out), str(ms), "--to", "modelscope", "--overwrite", "--quiet"]) == 0

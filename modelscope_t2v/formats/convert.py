@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import tempfile
 import warnings
@@ -25,9 +26,51 @@ from .folders import (
     write_scheduler,
     write_tokenizer,
 )
-from .locate import LAYOUTS, detect_layout, resolve
+from .locate import DIFFUSERS_WEIGHTS, LAYOUTS, MS_CLIP, MS_UNET, MS_VAE, detect_layout, resolve
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+# What the converter writes, per layout: the top-level entries, and the files of each component folder
+_WRITES = {
+    "diffusers": {"model_index.json": None,
+                  **{name: (r"config\.json", rf"{re.escape(stem)}(\.[\w-]+)?\.safetensors")
+                     for name, stem in DIFFUSERS_WEIGHTS.items()},
+                  "tokenizer": (r"vocab\.json", r"merges\.txt", r"special_tokens_map\.json", r"tokenizer_config\.json"),
+                  "scheduler": (r"scheduler_config\.json",)},
+    "modelscope": {"configuration.json": None, MS_UNET: None, MS_VAE: None, MS_CLIP: None},
+}
+
+
+def check_replaceable(dst: Path, source: Path) -> None:
+    """Refuse (FileExistsError naming the path) to replace `dst` unless it is empty or a model folder this
+    converter could have written: never the source folder or a folder that contains it, never a folder
+    holding anything else (a file of its own, a training run, a cache)."""
+    if not dst.exists():
+        return
+    d, s = dst.resolve(), source.resolve()
+    if d == s:
+        raise FileExistsError(f"{dst} is the source folder; convert into another folder")
+    if d in s.parents:
+        raise FileExistsError(f"{dst} contains the source {source}; replacing it would delete the source")
+    entries = sorted(dst.iterdir())
+    if not entries:
+        return
+    layout = "diffusers" if (dst / "model_index.json").is_file() else "modelscope"
+    writes = _WRITES[layout]
+    foreign = []
+    for entry in entries:
+        files = writes.get(entry.name, False)
+        if files is None and entry.is_file():
+            continue
+        if files and entry.is_dir() and not entry.is_symlink():
+            foreign += [f for f in sorted(entry.iterdir())
+                        if not (f.is_file() and any(re.fullmatch(p, f.name) for p in files))]
+            continue
+        foreign.append(entry)
+    if foreign:
+        shown = ", ".join(str(p.relative_to(dst)) for p in foreign[:5]) + (" ..." if len(foreign) > 5 else "")
+        raise FileExistsError(f"{dst} is not a model folder this converter writes (it holds {shown}); "
+                              "refusing to replace it: choose another destination or remove those yourself")
 
 
 
@@ -64,10 +107,13 @@ def convert_checkpoint(
                              "(only the diffusers layout's model_index.json)")
         default_guidance_scale = check_guidance_scale(default_guidance_scale, "default_guidance_scale")
     dst = Path(dst)
+    if dst.exists() and not dst.is_dir():
+        raise FileExistsError(f"{dst} exists and is not a folder")
     if dst.exists() and any(dst.iterdir()) and not overwrite:
         raise FileExistsError(f"{dst} exists and is not empty (pass overwrite=True / --overwrite)")
     folder = resolve(src, revision=revision, variant=variant)
     layout = detect_layout(folder)
+    check_replaceable(dst, folder)
     cast = DTYPES.get(dtype) if dtype else None
 
     def casted(state: dict) -> dict:
@@ -107,9 +153,8 @@ def convert_checkpoint(
                     write_modelscope_config(tmp, unet_config, max_frames)
             state = None  # free this component before reading the next
         if dst.exists():
-            old = dst.with_name(f".{dst.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(dst, old)
+            old = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", suffix=".old", dir=dst.parent))
+            os.replace(dst, old)  # onto the empty folder just made: nothing else is touched
             os.replace(tmp, dst)
             shutil.rmtree(old, ignore_errors=True)
         else:
