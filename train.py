@@ -20,16 +20,14 @@ from pathlib import Path
 
 import hydra
 from hydra.core.config_store import ConfigStore
-from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf
 
-from modelscope_t2v.training import ConfigError, NonFiniteLossError, TrainConfig, train
+from modelscope_t2v.data import DataError
+from modelscope_t2v.training import NonFiniteLossError, TrainConfig, train
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 
 ConfigStore.instance().store(name="train_schema", node=TrainConfig)
-# `hydra.run.dir` follows `run_dir` when one is given (${oc.select} cannot fall back on null)
-OmegaConf.register_new_resolver("if_null", lambda value, default: default if value is None else value, replace=True)
 
 
 def expand_model_shorthand(argv: list[str]) -> list[str]:
@@ -49,11 +47,9 @@ def expand_model_shorthand(argv: list[str]) -> list[str]:
 @hydra.main(config_path="configs", config_name="train", version_base="1.3")
 def main(cfg) -> None:
     config: TrainConfig = OmegaConf.to_object(cfg)
-    if config.run_dir is None:
-        config.run_dir = HydraConfig.get().runtime.output_dir
     try:
         last = train(config)
-    except (ConfigError, NonFiniteLossError, FileExistsError) as e:
+    except (ValueError, OSError, DataError, NonFiniteLossError) as e:  # config, files, data: one line
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
     if int(os.environ.get("RANK", "0")) == 0:  # one line from a torchrun job

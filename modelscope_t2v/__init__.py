@@ -9,7 +9,7 @@ The diffusers-style API: `DiffusionPipeline.from_pretrained("damo-vilab/text-to-
     data/       the data sources and the resumable batch stream
     training/   the trainer: configs, objectives, checkpoints, validation, EMA, processes
     eval/       reading generated videos back (the shapes world)
-    pipelines.py  schedulers.py  video_io.py   the diffusers-compatible API
+    pipelines/  schedulers.py  video_io.py   the diffusers-compatible API (jobs.py: many videos at once)
 """
 
 from .pipelines import (

@@ -81,44 +81,83 @@ class VideoFrames(np.ndarray):
         return np.asarray(self).tobytes(order) if view is None else view.tobytes()
 
 
-def video_to_tensor(video, factor: int, height: int | None = None, width: int | None = None) -> torch.Tensor:
-    """A video -> b c f h w in [-1, 1]. Accepts a list of PIL images (one video), a list of such lists,
-    numpy arrays (f, h, w, 3) or (b, f, h, w, 3) in [0, 1] (float) or [0, 255] (uint8), or a torch
-    tensor b c f h w already in [-1, 1] (4 channels: latents, used as they are). Frames are resized to
-    multiples of `factor` (the autoencoder's) or to height x width."""
+def _is_frame(x) -> bool:
     from PIL import Image
 
-    if isinstance(video, torch.Tensor):
-        if video.dim() == 4:
-            video = video[None]
-        if video.dim() != 5:
-            raise ValueError(f"video tensor must be b c f h w, got shape {tuple(video.shape)}")
-        if video.numel() == 0:
-            raise ValueError("video is empty")
-        return video
+    return isinstance(x, Image.Image) or isinstance(x, (np.ndarray, torch.Tensor)) and x.ndim == 3
+
+
+def _video_list(video) -> list:
+    """The videos of a `video=` argument, each a list of PIL images, a list of frames or a 4-D array/tensor
+    (diffusers' VideoProcessor.preprocess_video forms)."""
     if isinstance(video, (list, tuple)) and len(video) == 0:
         raise ValueError("video is empty")
-    if isinstance(video, (list, tuple)) and isinstance(video[0], Image.Image):
-        video = [video]
-    if isinstance(video, np.ndarray):
-        video = [video] if video.ndim == 4 else list(video)
-    out = []
-    for clip in video:
-        if isinstance(clip, (list, tuple)) and len(clip) and isinstance(clip[0], Image.Image):
-            w0, h0 = clip[0].size
-            h, w = height or h0 // factor * factor, width or w0 // factor * factor
-            arr = np.stack([np.asarray(im.convert("RGB").resize((w, h), Image.LANCZOS)) for im in clip])
-        else:
-            arr = np.asarray(clip)
-            if arr.ndim != 4 or arr.shape[-1] != 3 or arr.shape[0] == 0:
-                raise ValueError(f"video frames must be (f, h, w, 3), got shape {arr.shape}")
-        arr = arr.astype(np.float32) / 255.0 if arr.dtype == np.uint8 else arr.astype(np.float32)
-        out.append(torch.from_numpy(arr))
-    frames = torch.stack(out)  # b f h w c in [0, 1]
-    h, w = frames.shape[2:4]
+    if isinstance(video, (list, tuple)) and isinstance(video[0], (np.ndarray, torch.Tensor)) and video[0].ndim == 5:
+        video = np.concatenate(video) if isinstance(video[0], np.ndarray) else torch.cat(list(video))  # deprecated there
+    if isinstance(video, (np.ndarray, torch.Tensor)) and video.ndim == 5:
+        return list(video)
+    if isinstance(video, (np.ndarray, torch.Tensor)) and video.ndim == 4:
+        return [video]
+    if isinstance(video, (list, tuple)) and all(_is_frame(x) for x in video):
+        return [list(video)]
+    if isinstance(video, (list, tuple)) and all(
+            isinstance(v, (np.ndarray, torch.Tensor)) and v.ndim == 4 or isinstance(v, (list, tuple)) and v
+            and all(_is_frame(x) for x in v) for v in video):
+        return list(video)
+    raise ValueError(
+        "video must be a list of PIL images or of frames (numpy h w c / torch c h w), a 4-D numpy array (f h w c) "
+        f"or torch tensor (f c h w), a 5-D batch of those, or a list of videos; got {type(video).__name__}"
+        + (f" of shape {tuple(video.shape)}" if hasattr(video, "shape") else ""))
+
+
+def _frames(clip, factor: int, height: int | None, width: int | None) -> torch.Tensor:
+    """One video -> f c h w: PIL frames as float [0, 1] (resized to multiples of `factor`, or to height x
+    width), numpy frames f h w c and torch frames f c h w as given (uint8 as /255)."""
+    from PIL import Image
+
+    if isinstance(clip, (list, tuple)) and isinstance(clip[0], Image.Image):
+        w0, h0 = clip[0].size
+        h = height if height is not None else h0 // factor * factor
+        w = width if width is not None else w0 // factor * factor
+        arr = np.stack([np.asarray(im.convert("RGB").resize((w, h), Image.LANCZOS)) for im in clip])
+        return torch.from_numpy(arr.transpose(0, 3, 1, 2).astype(np.float32) / 255.0)
+    if isinstance(clip, (list, tuple)):
+        clip = np.stack(clip) if isinstance(clip[0], np.ndarray) else torch.stack(list(clip))
+    x = torch.from_numpy(np.ascontiguousarray(clip).transpose(0, 3, 1, 2)) if isinstance(clip, np.ndarray) else clip
+    if x.shape[0] == 0:
+        raise ValueError("video has no frames")
+    return x.float() / 255.0 if x.dtype == torch.uint8 else x
+
+
+def video_to_tensor(video, factor: int, height: int | None = None, width: int | None = None,
+                    latent_channels: int = 4) -> torch.Tensor:
+    """A video -> b c f h w in [-1, 1], in every form diffusers 0.42's VideoProcessor takes: a list of PIL
+    images, a list of numpy (h, w, c) or torch (c, h, w) frames, a numpy array (f, h, w, c) or torch tensor
+    (f, c, h, w), 5-D batches of those (b, f, ...), or a list of videos. Its value rules: float frames in
+    [0, 1] are mapped to [-1, 1], frames with negative values are taken as already in [-1, 1], and a tensor
+    with `latent_channels` channels is latents, used as they are. Beyond diffusers: uint8 frames are read as
+    0..255, PIL frames are converted to RGB and resized to multiples of `factor` (or to height x width), and
+    float frames above 1 (0..255 passed as floats), NaN or inf are errors."""
+    clips = [_frames(clip, factor, height, width) for clip in _video_list(video)]
+    if len({tuple(c.shape) for c in clips}) > 1:
+        raise ValueError(f"video: the videos differ in shape {sorted({tuple(c.shape) for c in clips})}")
+    x = torch.stack(clips)  # b f c h w
+    if not x.is_floating_point():
+        raise ValueError(f"video: frames must be uint8 or floating point, got {x.dtype}")
+    if not bool(torch.isfinite(x).all()):
+        raise ValueError("video holds NaN or inf values")
+    x = rearrange(x, "b f c h w -> b c f h w")
+    if x.shape[1] == latent_channels:
+        return x  # latents
+    if x.shape[1] != 3:
+        raise ValueError(f"video frames must have 3 channels (RGB) or {latent_channels} (latents), got {x.shape[1]}")
+    if float(x.max()) > 1.0 + 1e-3:
+        raise ValueError(f"video: float frames must lie in [0, 1] (or [-1, 1]), got values up to {float(x.max()):g}; "
+                         "0..255 frames go in as uint8 (or divided by 255)")
+    h, w = x.shape[-2:]
     if h % factor or w % factor:
         raise ValueError(f"video frames are {h}x{w}; height and width must be multiples of {factor}")
-    return rearrange(frames, "b f h w c -> b c f h w") * 2 - 1
+    return x if float(x.min()) < 0 else x * 2 - 1
 
 
 # ---------------------------------------------------------------------------------------------------

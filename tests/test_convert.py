@@ -210,3 +210,12 @@ def test_overwrite_replaces_only_a_model_folder_it_could_have_written(original, 
     ms = tmp_path / "ms-out"
     assert convert_main([str(out), str(ms), "--to", "modelscope", "--quiet"]) == 0
     assert convert_main([str(out), str(ms), "--to", "modelscope", "--overwrite", "--quiet"]) == 0
+
+
+def test_a_model_the_original_layout_cannot_hold_fails_before_any_work(tmp_path, capsys):
+    """The bundled shapes model's UNet widths (64, 96) are no multiples of the first: the original code's
+    dim_mult cannot say them. The error comes from the configs alone, before a progress bar."""
+    assert convert_main(["shapes", str(tmp_path / "ms"), "--to", "modelscope"]) == 2
+    err = capsys.readouterr().err
+    assert "cannot be written in the original ModelScope layout: unet:" in err and "it/s" not in err
+    assert not (tmp_path / "ms").exists() and list(tmp_path.iterdir()) == []

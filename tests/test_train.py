@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -555,3 +556,97 @@ def test_bad_validation_guidance_scale_is_refused_before_training(bad, tmp_path)
     with pytest.raises(ConfigError, match=r"trainer.validation.guidance_scale: a guidance scale is a finite number"):
         train(compose_cfg(BASE + [f"trainer.validation.guidance_scale={bad}", f"run_dir={tmp_path}"]))
     assert not (tmp_path / "checkpoints").exists()
+
+
+# ---------------------------------------------------------------------------------------------------
+# One run per folder, unreadable state, data errors before the model (issue 12).
+
+
+def test_a_second_process_on_the_run_folder_is_refused_and_a_killed_one_leaves_no_lock(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    holder = ckpt.RunLock(run).acquire()  # another run holding the folder
+    with pytest.raises(FileExistsError, match=f"in use by another training process \\(pid {os.getpid()}\\)"):
+        train(compose_cfg(BASE + ["trainer.max_steps=2", f"run_dir={run}"]))
+    assert not (run / "checkpoints").exists() and not (run / "metrics.jsonl").exists()
+    holder.release()
+    # a process killed while it holds the lock: the kernel drops it
+    code = f"import sys, time; sys.path.insert(0, {str(ROOT)!r}); from modelscope_t2v.training import checkpoints as c; " \
+           f"c.RunLock(__import__('pathlib').Path({str(run)!r})).acquire(); print('held', flush=True); time.sleep(60)"
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "held"
+    with pytest.raises(FileExistsError, match="in use"):
+        ckpt.RunLock(run).acquire()
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    train(compose_cfg(BASE + ["trainer.max_steps=2", f"run_dir={run}"]))
+    assert (run / "checkpoints" / "last").is_dir() and (run / "train.log").is_file()
+
+
+@pytest.mark.parametrize("name", ["trainer_state.json", "optimizer.safetensors", "optimizer.json"])
+def test_a_truncated_state_file_on_resume_is_named(tmp_path, name):
+    run = tmp_path / "run"
+    train(compose_cfg(BASE + ["trainer.max_steps=2", f"run_dir={run}"]))
+    path = run / "checkpoints" / "last" / "training_state" / name
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match=name):
+        train(compose_cfg(BASE + ["trainer.max_steps=4", f"run_dir={run}", "resume=true"]))
+    proc = cli(BASE + ["trainer.max_steps=4", f"run_dir={run}", "resume=true"])
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 1 and out.strip().splitlines()[-1].startswith("error: ") and name in out
+
+
+@pytest.mark.parametrize("overrides,match", [
+    (["data=webvid", "data.csv={tmp}/missing.csv"], "DataConfig.csv: no such file"),
+    (["data=webvid", "data.csv={tmp}/videos.csv", "data.video_root={tmp}"], "columns \\['page_dir'"),
+    (["data=webvid", "data.csv={tmp}/latin1.csv", "data.video_root={tmp}"], "not UTF-8 text: line 3"),
+    (["data=images", "data.image_root={tmp}/nothing"], "no such directory"),
+])
+def test_data_errors_come_before_the_model_and_leave_no_run_folder(tmp_path, monkeypatch, overrides, match):
+    (tmp_path / "videos.csv").write_text("videoid,name\n1,a cat\n")
+    (tmp_path / "latin1.csv").write_bytes(b"videoid,page_dir,name\n1,p,a cat\n2,p,caf\xe9 au lait\n")
+    from modelscope_t2v.training import loop
+
+    monkeypatch.setattr(loop, "build_pipeline", lambda *a, **k: pytest.fail("the model was built first"))
+    run = tmp_path / "run"
+    with pytest.raises((ValueError, OSError), match=match):
+        train(compose_cfg(BASE + [o.format(tmp=tmp_path) for o in overrides] + [f"run_dir={run}"]))
+    assert not run.exists()
+
+
+def test_clips_too_short_for_a_sample_fail_before_the_model_with_the_arithmetic(tmp_path, monkeypatch):
+    videos = tmp_path / "videos" / "p"
+    videos.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        data_lib.save_video_frames(videos / f"{i}.mp4", rng.integers(0, 255, (6, 16, 16, 3), dtype=np.uint8), fps=8)
+    (tmp_path / "v.csv").write_text("videoid,page_dir,name\n" + "".join(f"{i},p,clip {i}\n" for i in range(3)))
+    from modelscope_t2v.data import DataError
+    from modelscope_t2v.training import loop
+
+    monkeypatch.setattr(loop, "build_pipeline", lambda *a, **k: pytest.fail("the model was built first"))
+    run = tmp_path / "run"
+    with pytest.raises(DataError, match=r"6 frames at 8 fps, the clip needs 16 \(num_frames=16"):
+        train(compose_cfg(BASE + ["data=webvid", f"data.csv={tmp_path / 'v.csv'}", f"data.video_root={tmp_path / 'videos'}",
+                                  "data.num_frames=16", "data.target_fps=null", "data.max_skips_per_batch=2",
+                                  f"run_dir={run}"]))
+    assert not run.exists()
+
+
+def test_a_checkpoint_samples_at_the_size_it_was_trained_at(trained_run):
+    """model_index.json records the clip size of the training data; a call without one uses it."""
+    last = trained_run / "checkpoints" / "last"
+    index = json.loads((last / "model_index.json").read_text())
+    assert (index["default_num_frames"], index["default_height"], index["default_width"]) == (4, 16, 16)
+    pipe = TextToVideoSDPipeline.from_pretrained(last)
+    pipe.set_progress_bar_config(disable=True)
+    video = pipe("a red circle moving right", num_inference_steps=2, generator=torch.Generator().manual_seed(0)).frames[0]
+    assert video.shape == (4, 16, 16, 3)
+
+
+def test_train_help_describes_the_options():
+    out = subprocess.run([sys.executable, str(ROOT / "train.py"), "--help"], cwd=ROOT, env=cli_env(),
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.startswith("train.py: train ModelScope T2V")
+    assert "== Config (defaults) ==" in out.stdout and "trainer:" in out.stdout

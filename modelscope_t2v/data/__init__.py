@@ -8,7 +8,7 @@ and a deterministic, resumable batch stream over any of them (or a mix of a vide
     stream.py   make_loader: the batch stream (shuffling, sharding, mixing, skips, webdataset)
 """
 
-from .config import KINDS, MEDIA, DataConfig, SourceConfig, as_data_config, check_data_config, source_media
+from .config import KINDS, MEDIA, DataConfig, DataError, SourceConfig, as_data_config, check_data_config, source_media
 from .decode import (
     VideoReadError,
     VideoTooShortError,
@@ -31,7 +31,7 @@ from .sources import ImageFolderDataset, UnreadableSample, WebVidDataset
 from .stream import expand_urls, make_loader
 
 __all__ = [
-    "COLORS", "COLOR_RGB", "DIRECTIONS", "KINDS", "MEDIA", "SHAPES", "DataConfig", "ImageFolderDataset",
+    "COLORS", "COLOR_RGB", "DIRECTIONS", "DataError", "KINDS", "MEDIA", "SHAPES", "DataConfig", "ImageFolderDataset",
     "ShapesDataset", "SourceConfig", "UnreadableSample", "VideoReadError", "VideoTooShortError", "WebVidDataset",
     "as_data_config", "check_data_config", "expand_urls", "make_loader", "parse_shapes_caption",
     "read_video_frames", "render_shape_clip", "resize_center_crop", "save_video_frames", "shapes_caption",

@@ -18,6 +18,11 @@ IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp")  # image files / webdat
 START_METHODS = ("fork", "spawn", "forkserver")
 
 
+class DataError(RuntimeError):
+    """The data cannot give batches (every sample of a batch unreadable, shards without samples); the message
+    says what was found and where to look."""
+
+
 @dataclass
 class SourceConfig:
     """One source of samples. Clip geometry (frames, size, frame sampling) lives in DataConfig."""

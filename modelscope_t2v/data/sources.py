@@ -50,6 +50,17 @@ def read_caption(data: bytes | None, name: str) -> str:
 # Map-style sources: len() and load(index, rng) -> (c f h w uint8, caption, name) or UnreadableSample.
 
 
+def _first_non_utf8(path: Path) -> tuple[int, int]:
+    """(line, byte) of the first byte that is not UTF-8, both counted from 1 (read only on that error)."""
+    with open(path, "rb") as f:
+        for number, line in enumerate(f, start=1):
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError as e:
+                return number, e.start + 1
+    return 0, 0
+
+
 class _StringTable:
     """Many strings in two numpy arrays (no per-string Python objects: forked workers share pages
     instead of copying them on every refcount touch, the classic DataLoader "leak")."""
@@ -109,23 +120,28 @@ class WebVidDataset(torch.utils.data.Dataset):
         dropped_caption = dropped_missing = 0
         with open(csv_path, newline="", encoding="utf-8") as f:
             reader = csv.DictReader(f)
-            missing = [c for c in (*columns, caption_column) if c not in (reader.fieldnames or [])]
-            if missing:
-                raise ValueError(
-                    f"{where}: columns {missing} (from path_pattern / caption_column) are not in the CSV "
-                    f"header {reader.fieldnames} of {str(csv_path)!r}"
-                )
-            for row in reader:
-                caption = (row[caption_column] or "").strip()
-                if not caption:
-                    dropped_caption += 1
-                    continue
-                rel = path_pattern.format(**row)
-                if verify_files and not (self.video_root / rel).is_file():
-                    dropped_missing += 1
-                    continue
-                paths.append(rel)
-                captions.append(caption)
+            try:
+                missing = [c for c in (*columns, caption_column) if c not in (reader.fieldnames or [])]
+                if missing:
+                    raise ValueError(
+                        f"{where}: columns {missing} (from path_pattern / caption_column) are not in the CSV "
+                        f"header {reader.fieldnames} of {str(csv_path)!r}"
+                    )
+                for row in reader:
+                    caption = (row[caption_column] or "").strip()
+                    if not caption:
+                        dropped_caption += 1
+                        continue
+                    rel = path_pattern.format(**row)
+                    if verify_files and not (self.video_root / rel).is_file():
+                        dropped_missing += 1
+                        continue
+                    paths.append(rel)
+                    captions.append(caption)
+            except UnicodeDecodeError:
+                line, column = _first_non_utf8(csv_path)
+                raise ValueError(f"{where}.csv: {str(csv_path)!r} is not UTF-8 text: line {line} (the header is "
+                                 f"line 1), byte {column} of it") from None
         if dropped_caption or dropped_missing:
             logger.warning(
                 "%s: dropped %d rows with an empty caption and %d whose video is missing (of %d)",

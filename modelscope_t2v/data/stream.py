@@ -46,7 +46,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .config import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS, DataConfig, SourceConfig, as_data_config, check_data_config
+from .config import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS, DataConfig, DataError, SourceConfig, as_data_config, check_data_config
 from .decode import IMAGE_ERRORS, VIDEO_ERRORS, decode_image, read_video_frames, resize_center_crop, uint8_to_float
 from .shapes import ShapesDataset
 from .sources import ImageFolderDataset, UnreadableSample, WebVidDataset, read_caption
@@ -82,9 +82,9 @@ def _stack(clips: list[Tensor], captions: list[str], media: str, skipped: int, f
     }
 
 
-def _too_many_skips(where: str, failures: list[tuple[str, str]], limit: int) -> RuntimeError:
+def _too_many_skips(where: str, failures: list[tuple[str, str]], limit: int) -> DataError:
     shown = "; ".join(f"{n}: {r}" for n, r in failures[:3])
-    return RuntimeError(
+    return DataError(
         f"{where}: more than max_skips_per_batch={limit} unreadable samples for one batch "
         f"(e.g. {shown}). Check the paths (video_root / path_pattern / image_root / urls); for a "
         f"partial WebVid download set verify_files=true."
@@ -198,7 +198,7 @@ class _StreamSource:
                         count += 1
                         yield sample
                 if count == 0:
-                    raise RuntimeError(
+                    raise DataError(
                         f"{self.where}.urls: rank {self.rank}'s shards hold no {self.media} samples "
                         f"({'/'.join(self._media_keys)}): {mine[:3]}"
                     )

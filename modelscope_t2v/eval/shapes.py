@@ -265,7 +265,7 @@ def caption_probe(pipe, n: int = 16, timesteps: Sequence[int] = (999, 950, 900, 
     device = pipe._execution_device
     clips = heldout_videos(n, start_images=start_images)
     captions = [c for c, _ in clips]
-    with torch.no_grad(), pipe._cpu_precision():  # half weights on a CPU: computed in float32
+    with torch.no_grad(), pipe.call_precision():  # half weights on a CPU: computed in float32
         dtype = pipe.dtype
         pixels = torch.stack([x for _, x in clips]).to(device, dtype)  # b c f h w
         latents = pipe.vae.encode(pixels).mean.float() * pipe.vae.config.scaling_factor  # b c f h w

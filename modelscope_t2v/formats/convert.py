@@ -15,10 +15,9 @@ import torch
 from ..diffusion.samplers import check_guidance_scale
 from .folders import (
     COMPONENTS,
-    DEFAULT_GUIDANCE_KEY,
     modelscope_config,
     pipeline_class_name,
-    read_default_guidance_scale,
+    read_generation_defaults,
     read_scheduler_config,
     read_tokenizer,
     write_model_index,
@@ -26,6 +25,7 @@ from .folders import (
     write_scheduler,
     write_tokenizer,
 )
+from .files import read_json
 from .locate import DIFFUSERS_WEIGHTS, LAYOUTS, MS_CLIP, MS_UNET, MS_VAE, detect_layout, resolve
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -39,6 +39,20 @@ _WRITES = {
                   "scheduler": (r"scheduler_config\.json",)},
     "modelscope": {"configuration.json": None, MS_UNET: None, MS_VAE: None, MS_CLIP: None},
 }
+
+
+def check_original_layout_holds(folder: Path) -> None:
+    """ValueError naming what the original ModelScope layout cannot hold (its code hard-codes parts of the
+    architecture), from a diffusers folder's configs alone: no tensor is read."""
+    problems = []
+    for name in ("unet", "vae"):
+        part = COMPONENTS[name]
+        try:
+            part.to_original(part.config_from_diffusers(read_json(folder / name / "config.json")))
+        except ValueError as e:
+            problems.append(f"{name}: {e}")
+    if problems:
+        raise ValueError(f"{folder} cannot be written in the original ModelScope layout: " + "; ".join(problems))
 
 
 def check_replaceable(dst: Path, source: Path) -> None:
@@ -114,6 +128,9 @@ def convert_checkpoint(
     folder = resolve(src, revision=revision, variant=variant)
     layout = detect_layout(folder)
     check_replaceable(dst, folder)
+    defaults = read_generation_defaults(folder, layout)
+    if to == "modelscope" and layout == "diffusers":
+        check_original_layout_holds(folder)  # before a progress bar and a long write
     cast = DTYPES.get(dtype) if dtype else None
 
     def casted(state: dict) -> dict:
@@ -140,16 +157,14 @@ def convert_checkpoint(
                 if to == "diffusers":
                     write_tokenizer(tmp, read_tokenizer(folder, layout))
                     write_scheduler(tmp, read_scheduler_config(folder, layout))
-                    guidance = default_guidance_scale
-                    if guidance is None:
-                        guidance = read_default_guidance_scale(folder, layout)
-                    write_model_index(tmp, pipeline_class_name(folder, layout), default_guidance_scale=guidance)
+                    if default_guidance_scale is not None:
+                        defaults["default_guidance_scale"] = default_guidance_scale
+                    write_model_index(tmp, pipeline_class_name(folder, layout), defaults=defaults)
                 else:
                     max_frames = modelscope_config(folder)[0].get("max_frames", 16) if layout == "modelscope" else 16
-                    dropped = read_default_guidance_scale(folder, layout)
-                    if dropped is not None:
-                        warnings.warn(f"{DEFAULT_GUIDANCE_KEY}={dropped:g} of {folder} is not carried: the original "
-                                      "ModelScope layout has no place for it", stacklevel=2)
+                    if defaults:
+                        warnings.warn(f"{', '.join(f'{k}={v:g}' for k, v in defaults.items())} of {folder} not carried: "
+                                      "the original ModelScope layout has no place for them", stacklevel=2)
                     write_modelscope_config(tmp, unet_config, max_frames)
             state = None  # free this component before reading the next
         if dst.exists():

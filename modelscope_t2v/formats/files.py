@@ -38,14 +38,36 @@ def read_tensors(path: Path) -> dict[str, torch.Tensor]:
     return dict(obj)
 
 
-def read_json(path: Path) -> Any:
-    """A JSON file; LayoutError naming it if it is missing or not valid JSON (e.g. truncated)."""
+def read_json(path: Path, kind: type | None = dict) -> Any:
+    """A JSON file holding a `kind` (None: anything); LayoutError naming it if it is missing, not UTF-8,
+    not valid JSON (e.g. truncated), nested too deeply to parse, or not a `kind`."""
     if not path.is_file():
         raise LayoutError(f"missing file {path}")
     try:
-        return json.loads(path.read_text())
+        value = json.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise LayoutError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason})") from None
     except json.JSONDecodeError as e:
-        raise LayoutError(f"{path}: not valid JSON ({e})") from e
+        raise LayoutError(f"{path}: not valid JSON ({e})") from None
+    except RecursionError:
+        raise LayoutError(f"{path}: JSON nested too deeply to read") from None
+    if kind is not None and not isinstance(value, kind):
+        raise LayoutError(f"{path}: expected a JSON {'object' if kind is dict else kind.__name__}, "
+                          f"got {type(value).__name__}")
+    return value
+
+
+def check_weights(state: Mapping[str, torch.Tensor], path: Path) -> None:
+    """Every tensor a floating-point weight holding only finite values (integer buffers named
+    `position_ids` aside); CheckpointReadError naming the file and the tensor otherwise. NaN or inf in a
+    weight gives NaN (black) videos with no word: it is refused here, where it is cheap."""
+    for key, t in state.items():
+        if not t.is_floating_point():
+            if key.endswith("position_ids"):
+                continue
+            raise CheckpointReadError(f"{path}: tensor {key!r} has dtype {t.dtype}; a weight needs a floating-point dtype")
+        if not bool(torch.isfinite(t).all()):
+            raise CheckpointReadError(f"{path}: tensor {key!r} holds NaN or inf values")
 
 
 @contextlib.contextmanager

@@ -24,7 +24,7 @@ from ..diffusion.samplers import check_guidance_scale
 from ..models.text import build_text_encoder, build_tokenizer, save_tokenizer, text_config
 from ..models.unet import UNet3D, UNetConfig
 from ..models.vae import AutoencoderKL, VAEConfig
-from .files import LayoutError, read_json, read_tensors, write_json, write_pickle, write_safetensors
+from .files import LayoutError, check_weights, read_json, read_tensors, write_json, write_pickle, write_safetensors
 from .locate import DIFFUSERS_WEIGHTS, MS_CLIP, MS_UNET, MS_VAE, pick_weights
 from .tables import apply_table, invert, shapes_of
 from .text_layout import (
@@ -47,6 +47,7 @@ from .vae_layout import (
     vae_config_from_diffusers,
     vae_config_from_original,
     vae_config_to_diffusers,
+    vae_config_to_original,
     vae_diffusers_table,
     vae_original_table,
 )
@@ -77,11 +78,30 @@ def released_scheduler_config() -> dict[str, Any]:
     return dict(MODELSCOPE_T2V_SCHEDULER_CONFIG)
 
 
-# The guidance scale a model was measured best at, which the pipelines use when a call gives none (ours,
-# like transformers' generation_config.json: a model trained here may need another scale than the
-# released ones' 9). diffusers passes model_index.json's keys to the pipeline's __init__ and logs and
-# drops the ones it does not take, so a folder carrying it still loads there (at diffusers' own default).
+# Generation defaults (ours, like transformers' generation_config.json), which the pipelines use when a
+# call gives none: the guidance scale a model was measured best at (a model trained here may need another
+# than the released ones' 9) and the clip size it was trained at (a training checkpoint records its data's).
+# diffusers passes model_index.json's keys to the pipeline's __init__ and logs and drops the ones it does not
+# take, so a folder carrying them still loads there (at diffusers' own defaults).
 DEFAULT_GUIDANCE_KEY = "default_guidance_scale"
+GENERATION_DEFAULTS = (DEFAULT_GUIDANCE_KEY, "default_num_frames", "default_height", "default_width")
+
+
+def check_generation_defaults(values: Mapping[str, Any], where: str) -> dict[str, Any]:
+    """The generation defaults in `values` (None entries dropped), each checked: a guidance scale, or a
+    positive integer; ValueError naming `where` and the key otherwise."""
+    out: dict[str, Any] = {}
+    for key in GENERATION_DEFAULTS:
+        value = values.get(key)
+        if value is None:
+            continue
+        if key == DEFAULT_GUIDANCE_KEY:
+            out[key] = check_guidance_scale(value, f"{where}: {key}")
+        elif isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{where}: {key} must be an integer >= 1, got {value!r}")
+        else:
+            out[key] = value
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -104,9 +124,14 @@ def modelscope_config(folder: Path) -> tuple[dict, dict]:
     """configuration.json's (model.model_args, model.model_cfg) of an original-layout folder."""
     cfg = read_json(folder / "configuration.json")
     try:
-        return cfg["model"]["model_args"], cfg["model"]["model_cfg"]
+        args, model_cfg = cfg["model"]["model_args"], cfg["model"]["model_cfg"]
     except KeyError as e:
-        raise LayoutError(f"{folder / 'configuration.json'}: no model.{e.args[0]}") from e
+        raise LayoutError(f"{folder / 'configuration.json'}: no model.{e.args[0]}") from None
+    except TypeError:
+        raise LayoutError(f"{folder / 'configuration.json'}: `model` must be an object") from None
+    if not isinstance(args, dict) or not isinstance(model_cfg, dict):
+        raise LayoutError(f"{folder / 'configuration.json'}: model.model_args and model.model_cfg must be objects")
+    return args, model_cfg
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -116,12 +141,23 @@ def modelscope_config(folder: Path) -> tuple[dict, dict]:
 def _ours(build: Callable, config, state: dict, table, path: Path, ignore=()) -> tuple[Any, dict]:
     with torch.device("meta"):
         shapes = shapes_of(build(config))
-    return config, apply_table(state, table, shapes, what=str(path), ignore=ignore)
+    ours = apply_table(state, table, shapes, what=str(path), ignore=ignore)
+    check_weights(ours, path)
+    return config, ours
+
+
+def _config(path: Path, parse: Callable, *args):
+    """parse(*args), its ValueError / TypeError turned into a LayoutError naming the config file."""
+    try:
+        return parse(*args)
+    except (ValueError, TypeError) as e:
+        raise LayoutError(f"{path}: {e}") from None
 
 
 def _read_diffusers(folder: Path, name: str, variant: str | None, config_from: Callable, table: Callable,
                     build: Callable) -> tuple[Any, dict]:
-    config = config_from(read_json(folder / name / "config.json"))
+    config_path = folder / name / "config.json"
+    config = _config(config_path, config_from, read_json(config_path))
     path = _diffusers_weights(folder, name, variant)
     return _ours(build, config, read_tensors(path), table(config), path)
 
@@ -137,7 +173,7 @@ def read_unet(folder: Path, layout: str, variant: str | None = None) -> tuple[UN
     if layout == "diffusers":
         return _read_diffusers(folder, "unet", variant, unet_config_from_diffusers, unet_diffusers_table, UNet3D)
     path, state, model_cfg = _read_modelscope(folder, "ckpt_unet", MS_UNET)
-    config = unet_config_from_original(model_cfg, state)
+    config = _config(folder / "configuration.json", unet_config_from_original, model_cfg, state)
     return _ours(UNet3D, config, state, unet_original_table(config), path)
 
 
@@ -151,7 +187,7 @@ def read_vae(folder: Path, layout: str, variant: str | None = None) -> tuple[VAE
         state = {k[len(MS_VAE_PREFIX):]: v for k, v in inner.items() if k.startswith(MS_VAE_PREFIX)}
     else:
         state = {k: v for k, v in inner.items() if isinstance(v, torch.Tensor)}
-    config = vae_config_from_original(state)
+    config = _config(path, vae_config_from_original, state)
     return _ours(AutoencoderKL, config, state, vae_original_table(config), path)
 
 
@@ -159,10 +195,13 @@ def read_text_encoder(folder: Path, layout: str, variant: str | None = None):
     """Returns (transformers CLIPTextConfig, state in CLIPTextModel keys)."""
     if layout == "modelscope":
         path, state, _ = _read_modelscope(folder, "ckpt_clip", MS_CLIP)
-        config = text_config_from_open_clip(state)
-        return config, open_clip_to_clip_text(state, config, what=str(path))
-    raw = read_json(folder / "text_encoder" / "config.json")
-    config = text_config({k: v for k, v in raw.items() if not k.startswith("_")})
+        config = _config(path, text_config_from_open_clip, state)
+        ours = open_clip_to_clip_text(state, config, what=str(path))
+        check_weights(ours, path)
+        return config, ours
+    config_path = folder / "text_encoder" / "config.json"
+    raw = read_json(config_path)
+    config = _config(config_path, text_config, {k: v for k, v in raw.items() if not k.startswith("_")})
     path = _diffusers_weights(folder, "text_encoder", variant)
     state = read_tensors(path)
     if not any(k.startswith("text_model.") for k in state):  # written by transformers 5's save_pretrained
@@ -189,12 +228,12 @@ def pipeline_class_name(folder: Path, layout: str) -> str:
     return "TextToVideoSDPipeline"
 
 
-def read_default_guidance_scale(folder: Path, layout: str) -> float | None:
-    """model_index.json's `default_guidance_scale`, or None (absent; the original layout has no place for it)."""
+def read_generation_defaults(folder: Path, layout: str) -> dict[str, Any]:
+    """model_index.json's generation defaults (GENERATION_DEFAULTS; the original layout has no place for them)."""
     if layout != "diffusers":
-        return None
-    value = read_json(folder / "model_index.json").get(DEFAULT_GUIDANCE_KEY)
-    return None if value is None else check_guidance_scale(value, f"{folder / 'model_index.json'}: {DEFAULT_GUIDANCE_KEY}")
+        return {}
+    path = folder / "model_index.json"
+    return _config(path, check_generation_defaults, read_json(path), str(path))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -259,7 +298,8 @@ def write_modelscope_text_encoder(folder: Path, config, state: dict) -> None:
 
 
 def write_model_index(folder: Path, class_name: str = "TextToVideoSDPipeline", scheduler_class: str = "DDIMScheduler",
-                      default_guidance_scale: float | None = None) -> None:
+                      defaults: Mapping[str, Any] | None = None) -> None:
+    """model_index.json, with the generation `defaults` (GENERATION_DEFAULTS keys) that are set."""
     index = {
         "_class_name": class_name,
         "_diffusers_version": DIFFUSERS_VERSION,
@@ -269,8 +309,7 @@ def write_model_index(folder: Path, class_name: str = "TextToVideoSDPipeline", s
         "unet": ["diffusers", "UNet3DConditionModel"],
         "vae": ["diffusers", "AutoencoderKL"],
     }
-    if default_guidance_scale is not None:
-        index[DEFAULT_GUIDANCE_KEY] = check_guidance_scale(default_guidance_scale, DEFAULT_GUIDANCE_KEY)
+    index.update(check_generation_defaults(defaults or {}, "model_index.json"))
     write_json(folder / "model_index.json", index)
 
 
@@ -316,16 +355,18 @@ class Component:
     read: Callable[..., tuple[Any, dict]]  # (folder, layout, variant) -> (config, state in our keys)
     write_diffusers: Callable[..., None]  # (folder, config, state, variant)
     write_modelscope: Callable[..., None]  # (folder, config, state)
+    config_from_diffusers: Callable[[dict], Any]  # its config.json -> config
+    to_original: Callable[[Any], Any]  # config -> the original layout's; ValueError for what it cannot hold
 
 
 COMPONENTS: Mapping[str, Component] = MappingProxyType({
     "unet": Component(UNet3D, read_unet, _write_diffusers("unet", unet_config_to_diffusers, unet_diffusers_table),
-                      write_modelscope_unet),
+                      write_modelscope_unet, unet_config_from_diffusers, unet_config_to_original),
     "vae": Component(AutoencoderKL, read_vae, _write_diffusers("vae", vae_config_to_diffusers, vae_diffusers_table),
-                     write_modelscope_vae),
+                     write_modelscope_vae, vae_config_from_diffusers, vae_config_to_original),
     "text_encoder": Component(build_text_encoder, read_text_encoder,
                               _write_diffusers("text_encoder", text_config_to_diffusers, diffusers_text_table),
-                              write_modelscope_text_encoder),
+                              write_modelscope_text_encoder, text_config, text_config),
 })
 
 

@@ -120,12 +120,19 @@ def resolve(path_or_repo_id: str | os.PathLike, *, revision: str | None = None, 
             raise LayoutError(
                 f"{repo_id!r} is not in the Hugging Face cache at {cache_dir} and HF_HUB_OFFLINE is set"
             ) from e
-    files = list_repo_files(repo_id, revision=revision)
-    return Path(
-        snapshot_download(
-            repo_id, revision=revision, cache_dir=cache_dir, allow_patterns=_wanted_files(files, variant)
-        )
-    )
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
+
+    try:
+        files = list_repo_files(repo_id, revision=revision)
+        return Path(snapshot_download(repo_id, revision=revision, cache_dir=cache_dir,
+                                      allow_patterns=_wanted_files(files, variant)))
+    except (RepositoryNotFoundError, GatedRepoError, RevisionNotFoundError) as e:
+        raise LayoutError(f"{repo_id!r} (revision {revision or 'main'}): {str(e).strip().splitlines()[0]}") from None
+    except Exception as e:  # noqa: BLE001 - the transport's own errors (no network, a proxy, a timeout)
+        raise LayoutError(
+            f"{repo_id!r}: the Hugging Face hub cannot be reached ({type(e).__name__}: "
+            f"{str(e).strip().splitlines()[0] if str(e).strip() else '-'}). To run offline, set HF_HUB_OFFLINE=1 "
+            f"with the model in the cache ({cache_dir}), or pass a local folder") from None
 
 
 def detect_layout(folder: Path) -> str:

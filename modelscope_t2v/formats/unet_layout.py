@@ -45,6 +45,9 @@ def unet_config_from_diffusers(d: Mapping[str, Any]) -> UNetConfig:
     for key, value in _DIFFUSERS_FIXED.items():
         if key in d and d[key] != value:
             raise ValueError(f"unet config: {key}={d[key]!r} is not supported (only {value!r})")
+    for key in ("block_out_channels", "down_block_types", "up_block_types"):
+        if key in d and not isinstance(d[key], (list, tuple)):
+            raise ValueError(f"unet config: {key} must be a list, got {d[key]!r}")
     channels = tuple(d.get("block_out_channels", (320, 640, 1280, 1280)))
     down = tuple(d.get("down_block_types", tuple(_DIFFUSERS_DOWN[a] for a in (True, True, True, False))))
     up = tuple(d.get("up_block_types", tuple(_DIFFUSERS_UP[a] for a in (False, True, True, True))))

@@ -35,6 +35,9 @@ def vae_config_from_diffusers(d: Mapping) -> VAEConfig:
     if unknown:
         raise ValueError(f"diffusers VAE config: unknown field(s) {unknown}")
     g = {**_DIFFUSERS_DEFAULTS, **{k: v for k, v in d.items() if not k.startswith("_")}}
+    for key in ("block_out_channels", "down_block_types", "up_block_types"):
+        if not isinstance(g[key], (list, tuple)):
+            raise ValueError(f"diffusers VAE config: {key} must be a list, got {g[key]!r}")
     n = len(g["block_out_channels"])
     fixed = {
         "down_block_types": ["DownEncoderBlock2D"] * n, "up_block_types": ["UpDecoderBlock2D"] * n,

@@ -40,7 +40,7 @@ from einops import rearrange, repeat
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from .base import Model
+from .base import Model, require_bool_list, require_bools, require_float, require_int_list, require_ints
 
 
 # ---------------------------------------------------------------------------------------------
@@ -87,17 +87,20 @@ class UNetConfig:
     spatial_position_embedding: bool = False
 
     def __post_init__(self) -> None:
-        self.block_channels = tuple(int(c) for c in self.block_channels)
-        self.attention_levels = tuple(bool(a) for a in self.attention_levels)
-        if not self.block_channels:
-            raise ValueError("UNetConfig.block_channels must name at least one level")
+        self.block_channels = require_int_list(self, "block_channels")
+        self.attention_levels = require_bool_list(self, "attention_levels")
+        require_ints(self, "in_channels", "out_channels", "layers_per_block", "cross_attention_dim", "head_dim",
+                     "temporal_in_heads", "norm_groups", "sample_size")
+        require_float(self, "norm_eps", 0.0, open_low=True)
+        require_float(self, "dropout", 0.0, 1.0)
+        require_bools(self, "temporal_position_embedding", "spatial_position_embedding")
+        if self.timestep_cond_dim is not None:
+            require_ints(self, "timestep_cond_dim")
         if len(self.attention_levels) != len(self.block_channels):
             raise ValueError(
                 f"UNetConfig.attention_levels has {len(self.attention_levels)} entries but "
                 f"block_channels has {len(self.block_channels)}; give one per level"
             )
-        if self.layers_per_block < 1:
-            raise ValueError(f"UNetConfig.layers_per_block must be >= 1, got {self.layers_per_block}")
         for c in self.block_channels:
             if c % self.norm_groups:
                 raise ValueError(
@@ -110,10 +113,6 @@ class UNetConfig:
                     f"UNetConfig.block_channels entry {c} (a level with attention, or the mid block) "
                     f"is not divisible by head_dim={self.head_dim}"
                 )
-        if self.timestep_cond_dim is not None and self.timestep_cond_dim < 1:
-            raise ValueError(
-                f"UNetConfig.timestep_cond_dim must be None or >= 1, got {self.timestep_cond_dim}"
-            )
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "UNetConfig":

@@ -18,7 +18,7 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from ..diffusion.noise import randn_like
-from .base import Model
+from .base import Model, require_bools, require_float, require_int_list, require_ints
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -39,13 +39,12 @@ class VAEConfig:
     mid_attention: bool = True  # the single-head self-attention in the middle of encoder and decoder
 
     def __post_init__(self):
-        self.block_channels = tuple(int(c) for c in self.block_channels)  # JSON gives a list back
-        if not self.block_channels:
-            raise ValueError("VAEConfig.block_channels must name at least one level")
-        for name in ("in_channels", "out_channels", "layers_per_block", "latent_channels", "norm_groups",
-                     "sample_size"):
-            if int(getattr(self, name)) < 1:
-                raise ValueError(f"VAEConfig.{name} must be a positive integer, got {getattr(self, name)!r}")
+        self.block_channels = require_int_list(self, "block_channels")  # JSON gives a list back
+        require_ints(self, "in_channels", "out_channels", "layers_per_block", "latent_channels", "norm_groups",
+                     "sample_size")
+        # 0 would divide the latents by zero (NaN videos); diffusers takes any value
+        require_float(self, "scaling_factor", 0.0, open_low=True)
+        require_bools(self, "mid_attention")
         bad = [c for c in self.block_channels if c % self.norm_groups]
         if bad:
             raise ValueError(

@@ -26,10 +26,9 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
-from safetensors.torch import load_file
 from torch import nn
 
-from ..formats.files import read_json, write_json, write_safetensors
+from ..formats.files import LayoutError, read_json, read_tensors, write_json, write_safetensors
 from ..formats.folders import write_diffusers_component, write_model_index, write_scheduler
 from ..pipelines import TextToVideoSDPipeline
 from .ema import full_tensor, like_param
@@ -191,7 +190,7 @@ def load_optimizer(folder: Path, optimizer: torch.optim.Optimizer, names: Sequen
                    params: Sequence[torch.Tensor]) -> None:
     """Restore what `save_optimizer` wrote into an optimizer over `params` (named `names`), laid out
     like them (sharded if they are DTensors). Names must match exactly."""
-    tensors = load_file(str(folder / "optimizer.safetensors"))
+    tensors = read_tensors(folder / "optimizer.safetensors")
     meta = read_json(folder / "optimizer.json")
     index = {n: i for i, n in enumerate(names)}
     saved_names = {k.rsplit("/", 1)[0] for k in tensors} | set(meta["scalars"])
@@ -199,7 +198,8 @@ def load_optimizer(folder: Path, optimizer: torch.optim.Optimizer, names: Sequen
     unknown = sorted(saved_names - set(index))
     missing = sorted(set(index) - {n for g in meta["param_groups"] for n in g["params"]})
     if unknown or missing:
-        raise KeyError(f"optimizer state does not fit the model: unknown {unknown[:5]}, missing {missing[:5]}")
+        raise LayoutError(f"{folder / 'optimizer.json'}: the optimizer state does not fit the model: "
+                          f"unknown {unknown[:5]}, missing {missing[:5]}")
     state: dict[int, dict[str, Any]] = {}
     for key, value in tensors.items():
         name, field = key.rsplit("/", 1)
@@ -225,7 +225,7 @@ def write_training_checkpoint(folder: Path, *, pipe: TextToVideoSDPipeline, sche
                               raw: Mapping[str, Mapping[str, torch.Tensor]] | None, previous: Path | None,
                               optimizer: tuple[dict, dict], scaler: dict | None, trainer_state: dict) -> None:
     """Fill a (temporary) step folder: the pipeline with the trained components `shown` (EMA weights, or the
-    raw ones without an EMA) in the diffusers layout, `raw/` with the `raw` weights (None: no EMA, raw/ is the
+    raw ones without an EMA) and `pipe`'s generation defaults in the diffusers layout, `raw/` with the `raw` weights (None: no EMA, raw/ is the
     same as the folder), and training_state/ (optimizer, grad scaler, trainer_state.json written last).
 
     The frozen components never change within a run: from the second checkpoint on they are hard-linked
@@ -235,16 +235,14 @@ def write_training_checkpoint(folder: Path, *, pipe: TextToVideoSDPipeline, sche
     trained = set(shown)
     frozen = [n for n in PIPELINE_PARTS if n not in trained]
     if previous is None or not all((previous / n).is_dir() for n in frozen):
-        out = TextToVideoSDPipeline(**{**pipe.components, **shown, "scheduler": scheduler})
-        out.default_guidance_scale = pipe.default_guidance_scale  # carried from the start model
-        out.save_pretrained(folder)
+        TextToVideoSDPipeline.from_pipe(pipe, **shown, scheduler=scheduler).save_pretrained(folder)
     else:
         for name in frozen:
             link_tree(previous / name, folder / name)
         for name, module in shown.items():
             write_diffusers_component(name, folder, module.config, module.state_dict())
         write_scheduler(folder, dict(scheduler.config))
-        write_model_index(folder, TextToVideoSDPipeline.__name__, type(scheduler).__name__, pipe.default_guidance_scale)
+        write_model_index(folder, TextToVideoSDPipeline.__name__, type(scheduler).__name__, pipe.generation_defaults)
     raw_dir = folder / "raw"
     for name, state in (raw or {}).items():
         write_diffusers_component(name, raw_dir, shown[name].config, state)
@@ -257,3 +255,37 @@ def write_training_checkpoint(folder: Path, *, pipe: TextToVideoSDPipeline, sche
     if scaler is not None:
         write_json(state_dir / "scaler.json", scaler)
     write_json(state_dir / "trainer_state.json", trainer_state)  # written last
+
+
+# ---------------------------------------------------------------------------------------------------
+# One run per folder.
+
+
+class RunLock:
+    """An exclusive lock on `run_dir/.lock` (flock: the kernel drops it when the holding process dies, so a
+    killed run never leaves it stuck). A second process on the same run folder is refused, naming the first."""
+
+    def __init__(self, run_dir: Path):
+        self.path = run_dir / ".lock"
+        self._fd: int | None = None
+
+    def acquire(self) -> "RunLock":
+        import fcntl
+
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 64).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise FileExistsError(f"{self.path.parent} is in use by another training process (pid {holder}); "
+                                  "wait for it to end or choose another run_dir") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        self._fd = fd
+        return self
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing drops the flock
+            self._fd = None

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import itertools
 import logging
 import math
 import signal
@@ -85,29 +86,54 @@ class Trainer:
 
     # -- setup ----------------------------------------------------------------------------------------
 
-    def _start(self) -> tuple[TextToVideoSDPipeline, dict, dict | None]:
-        """(the pipeline, the trainer state (empty for a fresh run), the EMA weights to resume or None)."""
-        cfg, procs = self.cfg, self.procs
-        if procs.main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            for p in ckpt.remove_partial(self.ckpt_root):
-                log.info("removed the partial checkpoint %s left by an interrupted run", p.name)
-        procs.barrier()
+    def _open_run(self) -> dict:
+        """Check the run folder and the data before anything is written or built; returns the trainer state
+        to resume (empty for a fresh run). The data stream is opened and its first batch read here, so a
+        missing CSV or folder, or clips too short for a sample, fail before the model is built and leave no
+        run folder behind; a second process on the same folder is refused (checkpoints.RunLock)."""
+        cfg, tc, procs = self.cfg, self.tc, self.procs
+        if len(self.components) > 1 and procs.world_size > 1:
+            raise ConfigError("trainer.train_text_encoder=true runs in one process only (not under torchrun)")
+        if procs.main and self.run_dir.is_dir():
+            self.lock = ckpt.RunLock(self.run_dir).acquire()  # before anything in the folder is read
         resume_from = ckpt.latest_checkpoint(self.ckpt_root)
         if resume_from is not None and not cfg.resume:
             raise FileExistsError(
                 f"{self.run_dir} already holds checkpoints ({resume_from.name}); pass resume=true to continue "
                 f"that run or choose another run_dir"
             )
-        if len(self.components) > 1 and procs.world_size > 1:
-            raise ConfigError("trainer.train_text_encoder=true runs in one process only (not under torchrun)")
         self.resume_from = resume_from if cfg.resume else None
+        state: dict = {}
+        if self.resume_from is not None:
+            state = read_json(self.resume_from / "training_state" / "trainer_state.json")
+            self._check_resume_config(state)
+        elif cfg.resume:
+            log.info("resume=true but %s has no checkpoint: starting a fresh run", self.ckpt_root)
+        self.step = int(state.get("step", 0))
+        self.counters = {k: 0 for k in COUNTERS} | dict(state.get("counters", {}))
+        if self.step > tc.max_steps:
+            raise ConfigError(f"the run is at step {self.step}, past trainer.max_steps={tc.max_steps}")
+        self._stream = make_loader(
+            cfg.data, batch_size=tc.batch_size, seed=cfg.seed, start_batch=self.counters["batches"],
+            num_workers=tc.num_workers, rank=procs.rank, world_size=procs.world_size,
+        )
+        self.loader = itertools.chain([next(self._stream)], self._stream)  # the first batch, read now
+        if procs.main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            if getattr(self, "lock", None) is None:
+                self.lock = ckpt.RunLock(self.run_dir).acquire()
+            for p in ckpt.remove_partial(self.ckpt_root):
+                log.info("removed the partial checkpoint %s left by an interrupted run", p.name)
+            self._log_file = logging.FileHandler(self.run_dir / "train.log")
+            self._log_file.setFormatter(logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"))
+            logging.getLogger("modelscope_t2v").addHandler(self._log_file)
+        procs.barrier()
+        return state
+
+    def _start_pipeline(self, state: dict) -> tuple[TextToVideoSDPipeline, dict | None]:
+        """(the pipeline, the EMA weights to resume or None): a fresh start or the checkpoint resumed."""
         if self.resume_from is None:
-            if cfg.resume:
-                log.info("resume=true but %s has no checkpoint: starting a fresh run", self.ckpt_root)
-            return build_pipeline(cfg.model, cfg.seed), {}, None
-        state = read_json(self.resume_from / "training_state" / "trainer_state.json")
-        self._check_resume_config(state)
+            return build_pipeline(self.cfg.model, self.cfg.seed), None
         # the folder shows the EMA weights (if the run keeps an EMA); raw/ holds the raw ones, trained on
         pipe = TextToVideoSDPipeline.from_pretrained(self.resume_from)
         ema_parts = {}
@@ -116,20 +142,19 @@ class Trainer:
                 ema_parts[name] = getattr(pipe, name).state_dict()
             setattr(pipe, name, load_component(name, self.resume_from / "raw", "diffusers", dtype=torch.float32))
         log.info("resuming %s from %s (step %d)", self.run_dir, self.resume_from.name, state["step"])
-        return pipe, state, join_state(ema_parts) if ema_parts else None
+        return pipe, join_state(ema_parts) if ema_parts else None
 
     def setup(self) -> None:
         cfg, tc, procs = self.cfg, self.tc, self.procs
-        pipe, state, ema_weights = self._start()
-        self.step = int(state.get("step", 0))
-        self.counters = {k: 0 for k in COUNTERS} | dict(state.get("counters", {}))
-        if self.step > tc.max_steps:
-            raise ConfigError(f"the run is at step {self.step}, past trainer.max_steps={tc.max_steps}")
+        state = self._open_run()
+        pipe, ema_weights = self._start_pipeline(state)
         factor = pipe.vae.config.downsample_factor
         if cfg.data.height % factor or cfg.data.width % factor:
             raise ConfigError(f"data.height and data.width must be multiples of the autoencoder's factor {factor}, "
                               f"got {cfg.data.height}x{cfg.data.width}")
 
+        # checkpoints remember the clip size trained at: a pipeline samples at it by default
+        pipe.default_num_frames, pipe.default_height, pipe.default_width = cfg.data.num_frames, cfg.data.height, cfg.data.width
         # the other components: frozen, and on the device where the objective runs them
         self.pipe = pipe
         self.scheduler = training_scheduler(pipe, tc)
@@ -174,10 +199,6 @@ class Trainer:
         if procs.main:
             write_json(self.run_dir / "config.json", config_to_dict(cfg))
         self.metrics = Metrics(self.run_dir, self.step, procs.main)
-        self.loader = make_loader(
-            cfg.data, batch_size=tc.batch_size, seed=cfg.seed, start_batch=self.counters["batches"],
-            num_workers=tc.num_workers, rank=procs.rank, world_size=procs.world_size,
-        )
         self.last_saved = self.resume_from
 
     def _check_resume_config(self, state: dict) -> None:
@@ -397,8 +418,13 @@ class Trainer:
                 bar.close()
             if getattr(self, "metrics", None) is not None:
                 self.metrics.close()
-            if hasattr(getattr(self, "loader", None), "close"):
-                self.loader.close()
+            if hasattr(getattr(self, "_stream", None), "close"):
+                self._stream.close()
+            if getattr(self, "_log_file", None) is not None:
+                logging.getLogger("modelscope_t2v").removeHandler(self._log_file)
+                self._log_file.close()
+            if getattr(self, "lock", None) is not None:
+                self.lock.release()
             self.procs.close()
 
     def _on_sigterm(self, signum, frame) -> None:

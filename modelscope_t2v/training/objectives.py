@@ -290,8 +290,7 @@ class DiffusionObjective(Objective):
         """The validation prompts sampled by the pipeline (which holds the trained modules themselves: the
         caller swaps the EMA weights in)."""
         v = self.tc.validation
-        pipe = TextToVideoSDPipeline(**{**self.pipe.components, "scheduler": self.scheduler})
-        pipe.default_guidance_scale = self.pipe.default_guidance_scale
+        pipe = TextToVideoSDPipeline.from_pipe(self.pipe, scheduler=self.scheduler)
         pipe.set_progress_bar_config(disable=True)
         guidance = pipe.resolve_guidance_scale(v.guidance_scale)
         videos = []

@@ -6,7 +6,6 @@ must run here, on our own modules, with the same numbers.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import sys
 import warnings
@@ -18,19 +17,18 @@ import numpy as np
 import torch
 from einops import rearrange
 
-from .diffusion.noise import randn
-from .diffusion.samplers import cfg_model_fn
-from .formats import folders
-from .formats.locate import detect_layout, resolve
-from .formats.folders import released_scheduler_config
-from .models import TEXT_PRESETS, UNET_PRESETS, VAE_PRESETS, build_text_encoder, build_tokenizer, tokenize
-from .models.unet import UNet3D
-from .models.vae import AutoencoderKL
-from .schedulers import scheduler_from_config
-from .video_io import VideoFrames, video_to_tensor
-
-
-OUTPUT_TYPES = ("np", "pt", "pil", "latent")
+from ..diffusion.noise import randn
+from ..diffusion.samplers import cfg_model_fn
+from ..formats import folders
+from ..formats.folders import released_scheduler_config
+from ..formats.locate import detect_layout, resolve
+from ..models import TEXT_PRESETS, UNET_PRESETS, VAE_PRESETS, build_text_encoder, build_tokenizer, tokenize
+from ..models.unet import UNet3D
+from ..models.vae import AutoencoderKL
+from ..schedulers import scheduler_from_config
+from ..video_io import VideoFrames, video_to_tensor
+from .checks import check_call, check_fits, finite_number, finite_tensor, positive_int, require_finite
+from .placement import Placement, accelerator, cpu_precision
 
 
 @dataclass
@@ -52,17 +50,23 @@ class TextToVideoSDPipeline:
         self.text_encoder = text_encoder
         self.tokenizer = tokenizer
         self.scheduler = scheduler
-        self._offload: str | None = None  # None | "model" | "sequential"
-        self._offload_device: torch.device | None = None
+        self._placement = Placement()  # where each model runs during a call (the offload policy)
         self._progress: dict = {}
-        # Half-precision weights on a CPU compute in float32 during a call (see `_cpu_precision`).
+        # Half-precision weights on a CPU compute in float32 during a call (see `call_precision`).
         self.cpu_upcast = True
         # "open_clip": prompts tokenized as the model was trained (open_clip); "diffusers": exactly as
         # diffusers' pipeline does, which turns every "!" in a prompt into padding (text.tokenize).
         self.tokenization = "open_clip"
-        # The guidance scale a call without one uses; None: diffusers' defaults (text-to-video 9,
-        # video-to-video 15). from_pretrained reads it from model_index.json (folders.DEFAULT_GUIDANCE_KEY).
+        # What a call without them uses (from_pretrained reads them from model_index.json, save_pretrained
+        # writes them: folders.GENERATION_DEFAULTS). None: diffusers' defaults (guidance 9 for text-to-video,
+        # 15 for video-to-video; 16 frames; the UNet's sample_size times the autoencoder's factor).
         self.default_guidance_scale: float | None = None
+        self.default_num_frames: int | None = None  # a training checkpoint: its data's clip size
+        self.default_height: int | None = None
+        self.default_width: int | None = None
+        # Check the text embeddings, every UNet output and step, and the decoded frames for NaN / inf, and name
+        # where they appeared (NonFiniteError); one reduction each, False skips them.
+        self.check_finite = True
 
     # -- loading and saving ---------------------------------------------------------------------------
 
@@ -89,7 +93,7 @@ class TextToVideoSDPipeline:
             raise TypeError(f"torch_dtype must be a torch.dtype, got {torch_dtype!r}")
         folder = resolve(path_or_repo_id, revision=revision, variant=variant)
         layout = detect_layout(folder)
-        default_guidance = folders.read_default_guidance_scale(folder, layout)  # checked before any weights load
+        defaults = folders.read_generation_defaults(folder, layout)  # checked before any weights load
         parts = dict(kwargs)
         for name in folders.COMPONENTS:
             if name not in parts:
@@ -101,8 +105,30 @@ class TextToVideoSDPipeline:
         pipe = cls(**parts)
         pipe.name_or_path = str(path_or_repo_id)
         pipe.model_index_class = folders.pipeline_class_name(folder, layout)
-        pipe.default_guidance_scale = default_guidance
+        pipe.generation_defaults = defaults
         return pipe
+
+    @classmethod
+    def from_pipe(cls, pipe: "TextToVideoSDPipeline", **components):
+        """A pipeline of this class over `pipe`'s components (replaced by `components` where given), with its
+        generation defaults and settings: no second copy of any weight (diffusers' `from_pipe`)."""
+        out = cls(**{**pipe.components, **components})
+        out.generation_defaults = pipe.generation_defaults
+        out.cpu_upcast, out.tokenization, out.check_finite = pipe.cpu_upcast, pipe.tokenization, pipe.check_finite
+        out._progress = dict(pipe._progress)
+        out.name_or_path = getattr(pipe, "name_or_path", None)
+        return out
+
+    @property
+    def generation_defaults(self) -> dict:
+        """The generation defaults that are set ({"default_guidance_scale": 2.0, ...}), as model_index.json holds them."""
+        return {k: getattr(self, k) for k in folders.GENERATION_DEFAULTS if getattr(self, k) is not None}
+
+    @generation_defaults.setter
+    def generation_defaults(self, values: dict) -> None:
+        values = folders.check_generation_defaults(values, "generation_defaults")
+        for key in folders.GENERATION_DEFAULTS:
+            setattr(self, key, values.get(key))
 
     @classmethod
     def from_preset(cls, name: str = "tiny", seed: int = 0, torch_dtype: torch.dtype | None = None):
@@ -133,8 +159,7 @@ class TextToVideoSDPipeline:
             folders.write_diffusers_component(name, folder, module.config, state(module), variant)
         folders.write_tokenizer(folder, self.tokenizer)
         folders.write_scheduler(folder, dict(self.scheduler.config))
-        folders.write_model_index(folder, type(self).__name__, type(self.scheduler).__name__,
-                                  self.default_guidance_scale)
+        folders.write_model_index(folder, type(self).__name__, type(self.scheduler).__name__, self.generation_defaults)
         return folder
 
     # -- devices ----------------------------------------------------------------------------------------
@@ -158,7 +183,7 @@ class TextToVideoSDPipeline:
 
     @property
     def _execution_device(self) -> torch.device:
-        return self._offload_device if self._offload else self.device
+        return self._placement.device or self.device
 
     @property
     def vae_scale_factor(self) -> int:
@@ -181,85 +206,31 @@ class TextToVideoSDPipeline:
         self.vae.disable_tiling()
 
     def _accelerator(self, what: str, gpu_id: int | None, device) -> torch.device | None:
-        if device is not None:
-            return torch.device(device)
-        if torch.cuda.is_available():
-            return torch.device("cuda", gpu_id or 0)
-        print(f"{what}: no accelerator on this machine; the models stay on {self.device}.", file=sys.stderr)
-        return None
+        target = accelerator(gpu_id, device)
+        if target is None:
+            print(f"{what}: no accelerator on this machine; the models stay on {self.device}.", file=sys.stderr)
+        return target
 
     def enable_model_cpu_offload(self, gpu_id: int | None = None, device=None):
         """Keep every model on the CPU and move each to the accelerator only while it runs (text encoder,
         then UNet, then VAE). Without an accelerator: a one-line notice and nothing changes."""
         target = self._accelerator("enable_model_cpu_offload", gpu_id, device)
-        if target is None:
-            return
-        self.to("cpu")
-        self._offload, self._offload_device = "model", target
+        if target is not None:
+            self.to("cpu")
+            self._placement = Placement("model", target)
 
     def enable_sequential_cpu_offload(self, gpu_id: int | None = None, device=None):
         """Keep weights on the CPU and move each leaf module to the accelerator only for its forward:
         the least accelerator memory, the slowest. Without an accelerator: a notice, nothing changes."""
         target = self._accelerator("enable_sequential_cpu_offload", gpu_id, device)
-        if target is None:
-            return
-        self.to("cpu")
-        self._offload, self._offload_device = "sequential", target
+        if target is not None:
+            self.to("cpu")
+            self._placement = Placement("sequential", target)
 
-    @contextlib.contextmanager
-    def _placed(self, module: torch.nn.Module):
-        """Run `module` where the offload policy says; put it back afterwards."""
-        if self._offload == "model":
-            module.to(self._offload_device)
-            try:
-                yield
-            finally:
-                module.to("cpu")
-        elif self._offload == "sequential":
-            leaves = [m for m in module.modules()
-                      if next(m.children(), None) is None and next(m.parameters(recurse=False), None) is not None]
-            def onto_device(m, args):  # a hook's return value would replace the inputs: return None
-                m.to(self._offload_device)
-
-            def back_to_cpu(m, args, output):
-                m.to("cpu")
-
-            handles = [m.register_forward_pre_hook(onto_device) for m in leaves]
-            handles += [m.register_forward_hook(back_to_cpu) for m in leaves]
-            try:
-                yield
-            finally:
-                for h in handles:
-                    h.remove()
-                module.to("cpu")
-        else:
-            yield
-
-    @contextlib.contextmanager
-    def _cpu_precision(self):
-        """float16/bfloat16 weights on a CPU: compute this call in float32, then restore the weights.
-
-        CPUs without native half-precision kernels run them 10-60x slower than float32 (measured on
-        this project's machines: a 64-wide linear 9.6x, a 3x3 conv 57x), which makes the seed examples'
-        `torch_dtype=torch.float16` unusable on a CPU. fp16 -> fp32 -> fp16 is exact, so the stored
-        weights are unchanged afterwards. Set `pipe.cpu_upcast = False` to compute in half precision.
-        """
-        half = [m for m in self._modules() if next(m.parameters()).dtype in (torch.float16, torch.bfloat16)]
-        if not (self.cpu_upcast and half and self._execution_device.type == "cpu"):
-            yield
-            return
-        dtypes = [next(m.parameters()).dtype for m in half]
-        if not getattr(self, "_upcast_noted", False):
-            print("half-precision weights on the CPU: computing in float32 (pipe.cpu_upcast = False to opt out)",
-                  file=sys.stderr)
-            self._upcast_noted = True
-        for m in half:
-            m.float()
-        try:
-            yield
-        finally:
-            for m, dtype in zip(half, dtypes):
-                m.to(dtype)
+    def call_precision(self):
+        """The precision a call computes in (a context): half-precision weights on a CPU compute in float32
+        and are restored afterwards, unless `pipe.cpu_upcast = False` (placement.cpu_precision)."""
+        return cpu_precision(self._modules(), self._execution_device, self.cpu_upcast)
 
     def set_progress_bar_config(self, **kwargs):
         """tqdm options for the denoising loop, e.g. `disable=True` (as in diffusers)."""
@@ -308,7 +279,7 @@ class TextToVideoSDPipeline:
                 prompt = [prompt]
             if not isinstance(prompt, list) or not all(isinstance(p, str) for p in prompt):
                 raise TypeError(f"prompt must be a str or a list of str, got {type(prompt).__name__}")
-            with self._placed(self.text_encoder):
+            with self._placement.placed(self.text_encoder):
                 prompt_embeds = self._embed(prompt, device, clip_skip)
         batch = prompt_embeds.shape[0]
         dtype = self.text_encoder.dtype if self.text_encoder is not None else self.unet.dtype
@@ -328,7 +299,7 @@ class TextToVideoSDPipeline:
                 negative = negative_prompt
             else:
                 raise TypeError(f"negative_prompt must be a str or a list of str, got {type(negative_prompt).__name__}")
-            with self._placed(self.text_encoder):
+            with self._placement.placed(self.text_encoder):
                 negative_prompt_embeds = self._embed(negative, device, None)
         if do_classifier_free_guidance:
             negative_prompt_embeds = negative_prompt_embeds.to(dtype=dtype, device=device)
@@ -338,70 +309,38 @@ class TextToVideoSDPipeline:
     # -- video-to-video inputs (used by VideoToVideoSDPipeline and by `video=` here) ------------------
 
     def preprocess_video(self, video, height: int | None = None, width: int | None = None) -> torch.Tensor:
-        """A video in any form `video_io.video_to_tensor` takes -> b c f h w in [-1, 1], frames resized to
-        multiples of the autoencoder's factor (or to height x width)."""
-        return video_to_tensor(video, self.vae_scale_factor, height, width)
+        """A video in any form diffusers' VideoProcessor takes (`video_io.video_to_tensor`) -> b c f h w in
+        [-1, 1] (or latents); PIL frames resized to multiples of the autoencoder's factor or to height x width."""
+        return video_to_tensor(video, self.vae_scale_factor, height, width, self.unet.config.in_channels)
 
     def _noised_video_latents(self, pixels, timesteps, total, dtype, device, generator) -> torch.Tensor:
-        """Encode (b f) frames, sample the posterior, scale, then add noise for the first kept timestep,
-        drawing from `generator` in diffusers' order (posterior first, then the noise)."""
-        b = pixels.shape[0]
+        """Encode the frames, sample the posterior, scale, then add noise for the first kept timestep, drawing
+        in diffusers' order (posterior first, then the noise): one draw over all `(b f)` frames from a single
+        generator, or one draw per video from a list of `total` generators. A video given once for several
+        outputs (num_videos_per_prompt) is encoded and noised once per output, so the outputs differ."""
+        pixels = pixels.repeat(total // pixels.shape[0], 1, 1, 1, 1)  # total c f h w
+        frames = pixels.shape[2]
+        gens = generator if isinstance(generator, list) else None
         x = rearrange(pixels.to(device, dtype), "b c f h w -> (b f) c h w")
         if x.shape[1] == self.unet.config.in_channels:  # already latents
             z = x
         else:
-            with self._placed(self.vae):
+            with self._placement.placed(self.vae):
                 x = x.to(self._execution_device, self.vae.dtype)
-                if isinstance(generator, list):
-                    f = x.shape[0] // b
-                    z = torch.cat([self.vae.encode(x[i * f : (i + 1) * f]).sample(generator[i]) for i in range(b)])
-                else:
+                if gens is None:
                     z = self.vae.encode(x).sample(generator)
+                else:
+                    z = torch.cat([self.vae.encode(v).sample(g) for v, g in zip(x.split(frames), gens)])
             z = (z * self.vae.config.scaling_factor).to(device, dtype)
-        if len(timesteps) == 0:  # strength 0: nothing to denoise
-            return rearrange(z, "(b f) c h w -> b c f h w", b=b).repeat(total // b, 1, 1, 1, 1)
-        noise = randn(z.shape, generator, device, dtype)
-        t = timesteps[:1].repeat(z.shape[0])
-        noisy = self.scheduler.add_noise(z, noise, t)
-        return rearrange(noisy, "(b f) c h w -> b c f h w", b=b).repeat(total // b, 1, 1, 1, 1)
+        if len(timesteps):  # strength 0: nothing to denoise, nothing to add
+            if gens is None:
+                noise = randn(z.shape, generator, device, dtype)
+            else:
+                noise = torch.cat([randn((frames, *z.shape[1:]), g, device, dtype) for g in gens])
+            z = self.scheduler.add_noise(z, noise, timesteps[:1].repeat(z.shape[0]))
+        return rearrange(z, "(b f) c h w -> b c f h w", b=total)
 
     # -- generation -------------------------------------------------------------------------------------
-
-    def _check_common(self, prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, num_inference_steps,
-                      guidance_scale, output_type, callback_steps, num_videos_per_prompt, decode_chunk_size):
-        if prompt is None and prompt_embeds is None:
-            raise ValueError("pass prompt or prompt_embeds")
-        if prompt is not None and prompt_embeds is not None:
-            raise ValueError("pass either prompt or prompt_embeds, not both")
-        if prompt is not None and not (
-            isinstance(prompt, str) or (isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt))
-        ):
-            raise TypeError(f"prompt must be a str or a non-empty list of str, got {type(prompt).__name__}")
-        batch = 1 if isinstance(prompt, str) else len(prompt) if prompt is not None else prompt_embeds.shape[0]
-        if isinstance(negative_prompt, list) and len(negative_prompt) != batch:
-            raise ValueError(f"negative_prompt has batch size {len(negative_prompt)}, but prompt has {batch}")
-        if negative_prompt is not None and not isinstance(negative_prompt, (str, list)):
-            raise TypeError(f"negative_prompt must be a str or a list of str, got {type(negative_prompt).__name__}")
-        if negative_prompt is not None and negative_prompt_embeds is not None:
-            raise ValueError("pass either negative_prompt or negative_prompt_embeds, not both")
-        if prompt_embeds is not None and negative_prompt_embeds is not None and prompt_embeds.shape != negative_prompt_embeds.shape:
-            raise ValueError(
-                f"prompt_embeds {tuple(prompt_embeds.shape)} and negative_prompt_embeds "
-                f"{tuple(negative_prompt_embeds.shape)} must have the same shape"
-            )
-        if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
-            raise ValueError(f"num_inference_steps must be an integer >= 1, got {num_inference_steps!r}")
-        if not isinstance(guidance_scale, (int, float)):
-            raise TypeError(f"guidance_scale must be a number, got {type(guidance_scale).__name__}")
-        if output_type not in OUTPUT_TYPES:
-            raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
-        if callback_steps is not None and (not isinstance(callback_steps, int) or callback_steps < 1):
-            raise ValueError(f"callback_steps must be a positive integer, got {callback_steps!r}")
-        if not isinstance(num_videos_per_prompt, int) or num_videos_per_prompt < 1:
-            raise ValueError(f"num_videos_per_prompt must be an integer >= 1, got {num_videos_per_prompt!r}")
-        if decode_chunk_size is not None and (not isinstance(decode_chunk_size, int) or decode_chunk_size < 1):
-            raise ValueError(f"decode_chunk_size must be a positive integer, got {decode_chunk_size!r}")
-        return batch
 
     def resolve_guidance_scale(self, guidance_scale: float | None = None, *, video_to_video: bool = False) -> float:
         """The scale a call with `guidance_scale` runs at: that one if given, else the model's
@@ -419,7 +358,9 @@ class TextToVideoSDPipeline:
             prompt, self._execution_device, num_videos_per_prompt, guided, negative_prompt,
             prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds, clip_skip=clip_skip,
         )
-        return torch.cat([neg, pos]) if guided else pos  # one UNet call for both branches, uncond first
+        context = torch.cat([neg, pos]) if guided else pos  # one UNet call for both branches, uncond first
+        self._require_finite(context, "the text encoder's output (the prompt embeddings)")
+        return context
 
     def _denoise(self, latents, timesteps, context, guidance_scale, *, eta, generator, callback, callback_steps,
                  callback_on_step_end, callback_on_step_end_tensor_inputs, cross_attention_kwargs) -> torch.Tensor:
@@ -432,8 +373,12 @@ class TextToVideoSDPipeline:
             warnings.warn("cross_attention_kwargs is accepted for compatibility and ignored (no attention processors)",
                           stacklevel=3)
 
+        step = [0]  # the step being computed, for the messages of the finiteness checks
+
         def model_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            return unet(scale_in(x, t), t, encoder_hidden_states=context)  # b c f h w (2b when guided)
+            out = unet(scale_in(x, t), t, encoder_hidden_states=context)  # b c f h w (2b when guided)
+            self._require_finite(out, f"the UNet's output at step {step[0]} (t={int(t)})")
+            return out
 
         if guidance_scale > 1.0:  # the context holds the unconditional branch first (_text_conditioning)
             model_fn = cfg_model_fn(model_fn, guidance_scale)
@@ -442,6 +387,9 @@ class TextToVideoSDPipeline:
 
         def step_callback(i: int, t: torch.Tensor, x: torch.Tensor):
             bar.update(1)
+            self._require_finite(x, f"the latents after step {i} (t={int(t)}), from the {type(self.scheduler).__name__} "
+                                    "update of a finite UNet output")
+            step[0] = i + 1
             if callback is not None and i % callback_steps == 0:
                 callback(i, t, x)
             if callback_on_step_end is not None:
@@ -452,11 +400,15 @@ class TextToVideoSDPipeline:
             return None
 
         try:
-            with self._placed(unet):
+            with self._placement.placed(unet):
                 return self.scheduler.sample(model_fn, latents, timesteps, generator=generator,
                                              callback=step_callback, eta=eta)
         finally:
             bar.close()
+
+    def _require_finite(self, x: torch.Tensor, what: str) -> None:
+        if self.check_finite:
+            require_finite(x, what, half=self.vae.dtype == torch.float16)
 
     def decode_latents(self, latents: torch.Tensor, decode_chunk_size: int | None = None) -> torch.Tensor:
         """latents b c f h w (scaled) -> video b c f H W in [-1, 1], float32. `decode_chunk_size` frames
@@ -464,9 +416,10 @@ class TextToVideoSDPipeline:
         b = latents.shape[0]
         z = rearrange(latents / self.vae.config.scaling_factor, "b c f h w -> (b f) c h w")
         step = decode_chunk_size or z.shape[0]
-        with self._placed(self.vae):
+        with self._placement.placed(self.vae):
             z = z.to(self._execution_device, self.vae.dtype)
             frames = torch.cat([self.vae.decode(z[i : i + step]) for i in range(0, z.shape[0], step)])
+        self._require_finite(frames, "the autoencoder's decode of the final (finite) latents")
         return rearrange(frames, "(b f) c h w -> b c f h w", b=b).float()
 
     @staticmethod
@@ -530,9 +483,15 @@ class TextToVideoSDPipeline:
         """
         video_to_video = video is not None or self.video_to_video
         guidance_scale = self.resolve_guidance_scale(guidance_scale, video_to_video=video_to_video)
-        batch = self._check_common(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, num_inference_steps,
-                                   guidance_scale, output_type, callback_steps, num_videos_per_prompt, decode_chunk_size)
+        batch = check_call(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, num_inference_steps,
+                           guidance_scale, output_type, callback_steps, num_videos_per_prompt, decode_chunk_size,
+                           text_width=self.unet.config.cross_attention_dim)
         total = batch * num_videos_per_prompt
+        finite_number("eta", eta, low=0.0)
+        finite_tensor("latents", latents)
+        if isinstance(generator, list) and len(generator) != total:
+            raise ValueError(f"generator: a list of {len(generator)} generators for {total} videos "
+                             "(one per video, or a single generator)")
         bad = set(callback_on_step_end_tensor_inputs) - {"latents", "prompt_embeds"}
         if bad:
             raise ValueError(f"callback_on_step_end_tensor_inputs: unknown names {sorted(bad)}")
@@ -547,12 +506,16 @@ class TextToVideoSDPipeline:
             pixels = self.preprocess_video(video) if video is not None else None
             if pixels is not None and pixels.shape[0] not in (1, total):
                 raise ValueError(f"video has batch size {pixels.shape[0]}, but {total} videos are requested")
+            if pixels is not None:
+                scale = 1 if pixels.shape[1] != self.unet.config.in_channels else self.vae_scale_factor  # latents given
+                check_fits(total, pixels.shape[2], pixels.shape[3] * scale, pixels.shape[4] * scale,
+                           factor=self.vae_scale_factor, channels=self.unet.config.in_channels, device=self._execution_device)
         else:
             shape = self._latent_shape(total, height, width, num_frames)
             if latents is not None and tuple(latents.shape) != shape:
                 raise ValueError(f"latents must have shape {shape}, got {tuple(latents.shape)}")
 
-        with self._cpu_precision():  # half weights on a CPU: float32 for this call
+        with self.call_precision():  # half weights on a CPU: float32 for this call
             context = self._text_conditioning(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds,
                                               guidance_scale, num_videos_per_prompt, clip_skip)
             device, dtype = self._execution_device, context.dtype
@@ -581,18 +544,18 @@ class TextToVideoSDPipeline:
     _generate = __call__  # the one body; VideoToVideoSDPipeline.__call__ reaches it in diffusers' argument order
 
     def _latent_shape(self, total: int, height: int | None, width: int | None, num_frames: int | None):
-        """(b, c, f, h, w) of text-to-video latents; the size defaults to the UNet's sample_size."""
+        """(b, c, f, h, w) of text-to-video latents; the size defaults to the model's (generation defaults, else
+        16 frames at the UNet's sample_size)."""
         factor = self.vae_scale_factor
-        height = height or self.unet.config.sample_size * factor
-        width = width or self.unet.config.sample_size * factor
-        num_frames = 16 if num_frames is None else num_frames
+        num_frames = positive_int("num_frames", num_frames, default=self.default_num_frames or 16)
+        height = positive_int("height", height, default=self.default_height or self.unet.config.sample_size * factor)
+        width = positive_int("width", width, default=self.default_width or self.unet.config.sample_size * factor)
         for name, v in (("height", height), ("width", width)):
-            if not isinstance(v, int) or v <= 0 or v % factor:
+            if v % factor:
                 raise ValueError(f"{name} must be a positive multiple of {factor}, got {v!r}")
-        if not isinstance(num_frames, int) or num_frames < 1:
-            raise ValueError(f"num_frames must be an integer >= 1, got {num_frames!r}")
+        check_fits(total, num_frames, height, width, factor=factor, channels=self.unet.config.in_channels,
+                   device=self._execution_device)
         return (total, self.unet.config.in_channels, num_frames, height // factor, width // factor)
-
 
 class VideoToVideoSDPipeline(TextToVideoSDPipeline):
     """Video-to-video (SDEdit): noise a given video to `strength` and denoise it with the prompt; the
