@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from modelscope_t2v import schedulers
+from modelscope_t2v import jobs, schedulers
 from modelscope_t2v.eval import shapes as se
 
 DEFAULT_SETTINGS = ["ddim:50", "dpm++2m:10", "dpm++2m:25"]
@@ -84,6 +84,9 @@ def run(args: argparse.Namespace) -> dict:
 
     if args.pairs < 1 or args.batch_size < 1 or args.reference_pairs < 0 or args.probe < 0:
         raise ValueError("--pairs and --batch-size must be >= 1, --reference-pairs and --probe >= 0")
+    for path in (args.out, args.videos):  # checked before a long run, not after it
+        if path is not None:
+            jobs.check_writable(path)
     settings = [s for s in args.settings if s is not None]
     if args.reference_pairs > args.pairs:
         raise ValueError(f"--reference-pairs ({args.reference_pairs}) must be <= --pairs ({args.pairs})")

@@ -1,17 +1,27 @@
-"""Generate a video from a text prompt (Hydra entry point; the work is done by `generate(cfg)`).
+"""Generate videos from text prompts (Hydra entry point; the work is done by `generate(cfg)`).
 
     python sample.py prompt="a red circle moving left" seed=0 out=x.mp4   # the bundled shapes model
     python sample.py prompt="..." model=damo-vilab/text-to-video-ms-1.7b sampler=dpm++2m steps=25
     python sample.py prompt="..." model=./my-checkpoint num_frames=24 width=576 height=320 out=clip.gif
     python sample.py prompt="..." model=cerspense/zeroscope_v2_576w \\
         upscale.model=cerspense/zeroscope_v2_XL upscale.strength=0.6      # zeroscope's upscaling recipe
+    python sample.py prompts=prompts.txt num_videos_per_prompt=4 out_dir=videos/   # many videos, resumable
+    torchrun --nproc_per_node=8 sample.py prompts=prompts.csv out_dir=videos/      # each rank its share
+    python sample.py -m prompt="a red circle moving left","a blue square moving up" seed=0,1   # a sweep
     python sample.py --help                                               # every option with its default
 
 `model` is a bundled model ("shapes", the default: the project's own model of the shapes world, no
 download), a size preset (tiny, ms-1.7b, zeroscope-576w, zeroscope-xl: RANDOMLY INITIALISED weights of
 that size, for tests and for training from scratch; the output is noise), a local folder in either
-released layout (diffusers or original ModelScope), or a hub id. The path of the written video is the
-last line of stdout; logs and the progress bar go to stderr.
+released layout (diffusers or original ModelScope), or a hub id.
+
+One video (`prompt=`): written to `out` (default outputs/<time>-s<seed>-<prompt>.mp4), its path the last
+line of stdout. Several (`prompts=FILE`, a prompt a line or a CSV with prompt[,seed][,negative_prompt]
+columns, and/or num_videos_per_prompt > 1): written to `out_dir` as NNNN-s<seed>-<prompt>.mp4, video j of a
+prompt with seed seed + j, and out_dir/manifest.jsonl (its path the last line of stdout). Beside every video
+<name>.json holds every setting that made it and the command that makes it again; a rerun skips the videos
+already there and never overwrites one made otherwise (overwrite=true to replace). Under torchrun each
+rank makes every WORLD_SIZE-th video. Logs and the progress bar go to stderr.
 
 From Python (no Hydra):
 
@@ -21,8 +31,10 @@ From Python (no Hydra):
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
+import os
 import re
 import sys
 import time
@@ -30,10 +42,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+import numpy as np
 import torch
-from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
-from modelscope_t2v import schedulers
+from modelscope_t2v import jobs, schedulers
 from modelscope_t2v.diffusion.samplers import check_guidance_scale
 from modelscope_t2v.formats.locate import bundled_models
 from modelscope_t2v.models import UNET_PRESETS
@@ -63,8 +76,10 @@ class UpscaleConfig:
 
 @dataclass
 class SampleConfig:
-    prompt: str = MISSING  # required
+    prompt: Optional[str] = None  # the prompt (or prompts=FILE: one of the two is required)
+    prompts: Optional[str] = None  # a file: a prompt a line, or a .csv with prompt[,seed][,negative_prompt] columns
     negative_prompt: Optional[str] = None  # null: the empty prompt is the unconditional branch (as released)
+    num_videos_per_prompt: int = 1  # videos per prompt, with seeds seed, seed + 1, ...
     model: str = DEFAULT_MODEL  # bundled model, preset (random weights!), local folder (either layout) or hub id
     sampler: str = "ddim"  # ddim | dpm++2m | dpm++2m-sde | dpm++3m (spaces, case and '_' are ignored)
     steps: int = 50  # number of denoising steps
@@ -72,14 +87,18 @@ class SampleConfig:
     # default_guidance_scale (its model_index.json; the bundled shapes model's), else 9.0 (diffusers')
     spacing: Optional[str] = None  # leading | linspace | trailing; null: the sampler's own default
     eta: float = 0.0  # DDIM's stochasticity (0: deterministic); ignored by the DPM-Solver samplers
-    num_frames: int = 16
+    num_frames: Optional[int] = None  # null: the model's (what it was trained at, if its folder says; else 16)
     height: Optional[int] = None  # pixels, multiple of 8; null: the model's native size (256 for ms-1.7b)
     width: Optional[int] = None
     seed: int = 0  # noise seed (CPU generator: the same video on any device, and the same as diffusers)
     fps: int = 8  # of the written file; the released models were trained on 8 fps clips
-    out: Optional[str] = None  # .mp4 or .gif; null: outputs/<timestamp>-<prompt slug>.mp4
+    out: Optional[str] = None  # one video: .mp4 or .gif; null: outputs/<timestamp>-s<seed>-<prompt slug>.mp4
+    out_dir: Optional[str] = None  # several videos: their folder; null: outputs/<timestamp>/
+    format: str = "mp4"  # of videos in out_dir: mp4 | gif
+    overwrite: bool = False  # replace a video that is there from another request (never silently)
+    batch_size: int = 4  # videos per pipeline call (several videos)
     dtype: str = "fp32"  # fp32 | fp16 | bf16
-    device: str = "auto"  # auto (cuda if available) | cpu | cuda | cuda:N
+    device: str = "auto"  # auto (cuda if available; under torchrun cuda:LOCAL_RANK) | cpu | cuda | cuda:N
     vae_slicing: bool = True  # decode one frame at a time: memory flat in the number of frames, same output
     progress: bool = True  # tqdm progress bar on stderr
     upscale: UpscaleConfig = field(default_factory=UpscaleConfig)
@@ -151,8 +170,15 @@ def resolve_device(device: str) -> torch.device:
 
 def validate(cfg: SampleConfig) -> None:
     """Check every field; raise ValueError naming the first bad one. Loads nothing."""
-    if not isinstance(cfg.prompt, str) or not cfg.prompt.strip():
+    if cfg.prompt is None and cfg.prompts is None:
+        raise ValueError("prompt= is required (the text of the video), or prompts=FILE (a prompt a line, or a CSV "
+                         "with a prompt column); e.g. python sample.py prompt=\"a red circle moving left\"")
+    if cfg.prompt is not None and cfg.prompts is not None:
+        raise ValueError("prompt and prompts: give one of them, not both")
+    if cfg.prompt is not None and (not isinstance(cfg.prompt, str) or not cfg.prompt.strip()):
         raise ValueError(f"prompt must be a non-empty string, got {cfg.prompt!r}")
+    if cfg.prompts is not None and not Path(cfg.prompts).is_file():
+        raise ValueError(f"prompts: no such file {cfg.prompts!r}")
     if cfg.negative_prompt is not None and not isinstance(cfg.negative_prompt, str):
         raise ValueError(f"negative_prompt must be a string or null, got {cfg.negative_prompt!r}")
     _model_ref("model", cfg.model)
@@ -165,7 +191,10 @@ def validate(cfg: SampleConfig) -> None:
     if cfg.spacing is not None and cfg.spacing not in SPACINGS:
         raise ValueError(f"spacing must be one of {list(SPACINGS)} or null, got {cfg.spacing!r}")
     _finite("eta", cfg.eta, low=0.0, high=1.0)
-    _positive_int("num_frames", cfg.num_frames)
+    if cfg.num_frames is not None:
+        _positive_int("num_frames", cfg.num_frames)
+    _positive_int("num_videos_per_prompt", cfg.num_videos_per_prompt)
+    _positive_int("batch_size", cfg.batch_size)
     _multiple_of_8("height", cfg.height)
     _multiple_of_8("width", cfg.width)
     if isinstance(cfg.seed, bool) or not isinstance(cfg.seed, int) or not 0 <= cfg.seed < 2**63:
@@ -173,6 +202,10 @@ def validate(cfg: SampleConfig) -> None:
     _positive_int("fps", cfg.fps)
     if cfg.out is not None and Path(cfg.out).suffix.lower() not in OUT_SUFFIXES:
         raise ValueError(f"out must end in one of {list(OUT_SUFFIXES)}, got {cfg.out!r}")
+    if cfg.out is not None and (cfg.out_dir is not None or several(cfg)):
+        raise ValueError("out names one video; several (prompts=FILE, num_videos_per_prompt > 1) go to out_dir")
+    if f".{cfg.format}" not in OUT_SUFFIXES:
+        raise ValueError(f"format must be one of {[x[1:] for x in OUT_SUFFIXES]}, got {cfg.format!r}")
     if cfg.dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {list(DTYPES)}, got {cfg.dtype!r}")
     resolve_device(cfg.device)
@@ -190,6 +223,24 @@ def validate(cfg: SampleConfig) -> None:
             check_guidance_scale(up.guidance, "upscale.guidance")
 
 
+def several(cfg: SampleConfig) -> bool:
+    """Whether the run makes several videos (into out_dir, with a manifest) rather than one."""
+    return cfg.prompts is not None or cfg.num_videos_per_prompt > 1 or cfg.out_dir is not None
+
+
+def _unknown_keys(cfg, schema, prefix: str = "") -> list[str]:
+    """Keys of `cfg` that `schema` (a dataclass) has no field for; `+key=value` adds such keys past Hydra."""
+    names = {f.name: f for f in dataclasses.fields(schema)}
+    out = []
+    for key in cfg:
+        if key not in names:
+            out.append(f"{prefix}{key}")
+        elif dataclasses.is_dataclass(names[key].default_factory() if callable(names[key].default_factory) else None) \
+                and isinstance(cfg[key], (dict, DictConfig)):
+            out += _unknown_keys(cfg[key], type(names[key].default_factory()), f"{prefix}{key}.")
+    return out
+
+
 def as_config(cfg: SampleConfig | DictConfig | dict) -> SampleConfig:
     """A SampleConfig from a SampleConfig, a Hydra/OmegaConf config or a plain dict (keys and types
     checked against the schema: unknown keys and wrong types are errors, as on the command line)."""
@@ -197,6 +248,9 @@ def as_config(cfg: SampleConfig | DictConfig | dict) -> SampleConfig:
         return cfg
     if isinstance(cfg, (dict, DictConfig)):
         merged = OmegaConf.merge(OmegaConf.structured(SampleConfig), cfg)
+        unknown = _unknown_keys(cfg, SampleConfig)
+        if unknown:
+            raise ValueError(f"unknown key(s) {unknown}: SampleConfig has no such field (python sample.py --help)")
         return OmegaConf.to_object(merged)
     raise TypeError(f"cfg must be a SampleConfig, a DictConfig or a dict, got {type(cfg).__name__}")
 
@@ -205,14 +259,14 @@ def as_config(cfg: SampleConfig | DictConfig | dict) -> SampleConfig:
 # The pieces of a run.
 
 
-def default_out(prompt: str, now: float | None = None, folder: str | Path = "outputs") -> Path:
-    """outputs/<YYYYmmdd-HHMMSS>-<slug of the prompt>.mp4, not overwriting an existing file."""
+def default_out(prompt: str, now: float | None = None, folder: str | Path = "outputs", seed: int | None = None) -> Path:
+    """outputs/<YYYYmmdd-HHMMSS>[-s<seed>]-<slug of the prompt>.mp4, not overwriting an existing file."""
     stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(now))
-    slug = re.sub(r"[^a-z0-9]+", "-", prompt.lower()).strip("-")[:48].rstrip("-") or "video"
-    path = Path(folder) / f"{stamp}-{slug}.mp4"
+    stem = f"{stamp}-s{seed}-{jobs.slug(prompt)}" if seed is not None else f"{stamp}-{jobs.slug(prompt)}"
+    path = Path(folder) / f"{stem}.mp4"
     n = 1
     while path.exists():
-        path = Path(folder) / f"{stamp}-{slug}-{n}.mp4"
+        path = Path(folder) / f"{stem}-{n}.mp4"
         n += 1
     return path
 
@@ -233,7 +287,6 @@ def set_sampler(pipe, sampler: str, spacing: str | None) -> None:
 
 def resize_frames(frames, width: int, height: int):
     """(f, h, w, 3) float frames in [0, 1] -> (f, height, width, 3), bicubic with antialiasing."""
-    import numpy as np
     import torch.nn.functional as F
 
     x = torch.from_numpy(np.ascontiguousarray(np.asarray(frames, dtype=np.float32))).permute(0, 3, 1, 2)  # f 3 h w
@@ -241,59 +294,176 @@ def resize_frames(frames, width: int, height: int):
     return x.clamp(0, 1).permute(0, 2, 3, 1).numpy()  # f H W 3
 
 
+def _request(cfg: SampleConfig) -> dict[str, Any]:
+    """The settings that decide a video besides its prompt and seed (a sidecar's key to resume by)."""
+    keep = ("model", "sampler", "steps", "guidance", "spacing", "eta", "num_frames", "height", "width", "fps",
+            "dtype")
+    up = dataclasses.asdict(cfg.upscale) if cfg.upscale.model is not None else None
+    return {**{k: getattr(cfg, k) for k in keep}, "sampler": sampler_name(cfg.sampler), "upscale": up}
+
+
+def _warn_beyond_the_model(cfg: SampleConfig, videos: list[jobs.Video]) -> None:
+    """The bundled shapes model knows one grammar and one clip size: say so where a request leaves them."""
+    from modelscope_t2v.data.shapes import parse_shapes_caption
+    from modelscope_t2v.formats.locate import bundled_path
+
+    if cfg.model not in bundled_models() or Path(cfg.model).is_dir() or bundled_path(cfg.model) is None:
+        return
+    outside = sorted({v.prompt for v in videos if not _parses(parse_shapes_caption, v.prompt)})
+    if outside:
+        log.warning("model=%s knows only prompts \"a {color} {shape} moving {direction}\" (docs/shapes_model.md); "
+                    "it was never shown %s", cfg.model, ", ".join(repr(p) for p in outside[:3]) + (" ..." if len(outside) > 3 else ""))
+    size = (cfg.num_frames or 16, cfg.height or 64, cfg.width or 64)
+    if size != (16, 64, 64):
+        log.warning("model=%s was trained on 16 frames at 64x64; %d frames at %dx%d is outside what it learned",
+                    cfg.model, *size)
+
+
+def _parses(parse, prompt: str) -> bool:
+    try:
+        parse(prompt)
+        return True
+    except ValueError:
+        return False
+
+
+def _processes(cfg: SampleConfig) -> tuple[int, int, torch.device]:
+    """(rank, world size, device): one process, or a torchrun job (a gloo group for the final barrier;
+    device=auto takes cuda:LOCAL_RANK where there is CUDA)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1, resolve_device(cfg.device)
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group("gloo")
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    device = torch.device("cuda", local) if cfg.device == "auto" and torch.cuda.is_available() else resolve_device(cfg.device)
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def _plan(cfg: SampleConfig) -> tuple[list[jobs.Video], Path | None, Path | None]:
+    """(every video of the run, the one video's path or None, the folder of several or None)."""
+    rows = jobs.read_prompts(cfg.prompts) if cfg.prompts is not None else [(cfg.prompt, None, None)]
+    videos = jobs.video_list(rows, cfg.seed, cfg.num_videos_per_prompt, cfg.negative_prompt)
+    if not several(cfg):
+        out = Path(cfg.out) if cfg.out is not None else default_out(cfg.prompt, seed=cfg.seed)
+        jobs.check_writable(out)
+        return videos, out, None
+    folder = Path(cfg.out_dir) if cfg.out_dir is not None else Path("outputs") / time.strftime("%Y%m%d-%H%M%S")
+    jobs.check_writable(folder)
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(f"out_dir: {folder} is a file")
+    return videos, None, folder
+
+
 def generate(cfg: SampleConfig | DictConfig | dict) -> Path:
-    """Run one generation (and the optional upscaling pass); write the video; return its path."""
+    """Make the run's videos (and the optional upscaling pass); write them with their sidecars; return the
+    video's path (one video) or the manifest's (several)."""
     from modelscope_t2v.pipelines import TextToVideoSDPipeline, VideoToVideoSDPipeline
-    from modelscope_t2v.video_io import export_to_gif, export_to_video
 
     cfg = as_config(cfg)
     validate(cfg)
-    device, dtype = resolve_device(cfg.device), DTYPES[cfg.dtype]
+    videos, out, folder = _plan(cfg)
+    _warn_beyond_the_model(cfg, videos)
+    rank, world, device = _processes(cfg)
+    suffix = out.suffix.lower() if out is not None else f".{cfg.format}"
+    request = _request(cfg)
+    mine = [(v, out if out is not None else folder / jobs.file_name(v, suffix)) for v in jobs.share(videos, rank, world)]
+    todo = [(v, p) for v, p in mine if not jobs.is_done(p, v, request, overwrite=cfg.overwrite)]  # checked before loading
+    if len(todo) < len(mine):
+        log.info("%d of %d videos are already there (same request): skipped", len(mine) - len(todo), len(mine))
+    dtype = DTYPES[cfg.dtype]
     if device.type == "cpu" and dtype == torch.float16:
         log.warning("dtype=fp16 on the CPU is slow and some kernels lack it; fp32 or bf16 are the CPU choices")
-    out = Path(cfg.out) if cfg.out is not None else default_out(cfg.prompt)
-
-    pipe = load_pipeline(cfg.model, TextToVideoSDPipeline, dtype).to(device)
-    set_sampler(pipe, cfg.sampler, cfg.spacing)
-    pipe.set_progress_bar_config(disable=not cfg.progress, file=sys.stderr)
-    if cfg.vae_slicing:
-        pipe.enable_vae_slicing()
-    guidance = pipe.resolve_guidance_scale(cfg.guidance)
-    log.info("model %s, sampler %s (%s spacing), %d steps, guidance %g%s, %d frames, %s, %s",
-             cfg.model, sampler_name(cfg.sampler), pipe.scheduler.config.timestep_spacing, cfg.steps,
-             guidance, " (the model's default)" if cfg.guidance is None and pipe.default_guidance_scale is not None
-             else "", cfg.num_frames, device, cfg.dtype)
-    generator = torch.Generator("cpu").manual_seed(cfg.seed)
-    frames = pipe(
-        cfg.prompt, height=cfg.height, width=cfg.width, num_frames=cfg.num_frames,
-        num_inference_steps=cfg.steps, guidance_scale=guidance, negative_prompt=cfg.negative_prompt,
-        eta=cfg.eta, generator=generator, output_type="np",
-    ).frames[0]  # f h w 3 in [0, 1]
-
-    up = cfg.upscale
-    if up.model is not None:
-        if up.model == cfg.model:
-            upscaler = VideoToVideoSDPipeline(**pipe.components)  # same weights (and sampler): no second copy
-            upscaler.default_guidance_scale = pipe.default_guidance_scale
-        else:
-            del pipe  # free the first model before loading the second
-            upscaler = load_pipeline(up.model, VideoToVideoSDPipeline, dtype).to(device)
-            set_sampler(upscaler, cfg.sampler, cfg.spacing)
-        upscaler.set_progress_bar_config(disable=not cfg.progress, file=sys.stderr)
+    if todo:
+        pipe = load_pipeline(cfg.model, TextToVideoSDPipeline, dtype).to(device)
+        set_sampler(pipe, cfg.sampler, cfg.spacing)
+        pipe.set_progress_bar_config(disable=not cfg.progress, file=sys.stderr)
         if cfg.vae_slicing:
-            upscaler.enable_vae_slicing()
+            pipe.enable_vae_slicing()
+        upscaler = _upscaler(cfg, pipe, VideoToVideoSDPipeline, dtype, device)
+        _warn_beyond_the_training_size(cfg, pipe)
+        guidance = pipe.resolve_guidance_scale(cfg.guidance)
+        log.info("model %s, sampler %s (%s spacing), %d steps, guidance %g%s, %s, %s: %d video(s)",
+                 cfg.model, sampler_name(cfg.sampler), pipe.scheduler.config.timestep_spacing, cfg.steps, guidance,
+                 " (the model's default)" if cfg.guidance is None and pipe.default_guidance_scale is not None else "",
+                 device, cfg.dtype, len(todo))
+        for start in range(0, len(todo), cfg.batch_size):
+            batch = todo[start:start + cfg.batch_size]
+            for (video, path), frames, resolved in zip(batch, *_make(cfg, pipe, upscaler, guidance, [v for v, _ in batch])):
+                _write(frames, path, cfg.fps)
+                jobs.write_sidecar(path, video, request, resolved)
+                if folder is not None:
+                    print(path, flush=True)
+    if folder is None:
+        return out
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+        if rank != 0:
+            return folder / jobs.MANIFEST
+    return jobs.write_manifest(folder, videos, suffix)
+
+
+def _upscaler(cfg: SampleConfig, pipe, cls, dtype: torch.dtype, device: torch.device):
+    """The video-to-video pipeline of the upscaling pass, or None: the same weights when the model is."""
+    up = cfg.upscale
+    if up.model is None:
+        return None
+    if up.model == cfg.model:
+        upscaler = cls.from_pipe(pipe)  # same weights (and sampler): no second copy
+    else:
+        upscaler = load_pipeline(up.model, cls, dtype).to(device)
+        set_sampler(upscaler, cfg.sampler, cfg.spacing)
+    upscaler.set_progress_bar_config(disable=not cfg.progress, file=sys.stderr)
+    if cfg.vae_slicing:
+        upscaler.enable_vae_slicing()
+    return upscaler
+
+
+def _warn_beyond_the_training_size(cfg: SampleConfig, pipe) -> None:
+    trained = (pipe.default_num_frames, pipe.default_height, pipe.default_width)
+    asked = (cfg.num_frames, cfg.height, cfg.width)
+    if all(t is not None for t in trained) and any(a is not None and a != t for a, t in zip(asked, trained)):
+        log.warning("model=%s was trained on %d frames at %dx%d; asked for %s frames at %sx%s", cfg.model, *trained,
+                    *(a if a is not None else t for a, t in zip(asked, trained)))
+
+
+def _make(cfg: SampleConfig, pipe, upscaler, guidance: float, videos: list[jobs.Video]):
+    """(frames per video, f h w 3 in [0, 1]; what each resolved to): one pipeline call for the batch, each
+    video's noise from its own CPU generator (the video does not depend on the batch it ran in)."""
+    generators = [torch.Generator("cpu").manual_seed(v.seed) for v in videos]
+    prompts = [v.prompt for v in videos]
+    negatives = [v.negative_prompt or "" for v in videos] if any(v.negative_prompt for v in videos) else None
+    frames = pipe(
+        prompts, height=cfg.height, width=cfg.width, num_frames=cfg.num_frames, num_inference_steps=cfg.steps,
+        guidance_scale=guidance, negative_prompt=negatives, eta=cfg.eta, generator=generators, output_type="np",
+    ).frames  # b f h w 3 in [0, 1]
+    resolved = {"num_frames": frames.shape[1], "height": frames.shape[2], "width": frames.shape[3],
+                "guidance": guidance, "spacing": pipe.scheduler.config.timestep_spacing}
+    up = cfg.upscale
+    if upscaler is not None:
         steps = up.steps or cfg.steps
         up_guidance = upscaler.resolve_guidance_scale(up.guidance, video_to_video=True)
         log.info("upscaling to %dx%d with %s: strength %g, %d of %d steps, guidance %g",
                  up.width, up.height, up.model, up.strength, int(steps * up.strength), steps, up_guidance)
+        resized = [resize_frames(f, up.width, up.height) for f in frames]
         frames = upscaler(
-            cfg.prompt, video=resize_frames(frames, up.width, up.height), strength=up.strength,
-            num_inference_steps=steps, guidance_scale=up_guidance, negative_prompt=cfg.negative_prompt,
-            eta=cfg.eta, generator=generator, output_type="np",
-        ).frames[0]
+            prompts, video=resized[0] if len(resized) == 1 else np.stack(resized), strength=up.strength,
+            num_inference_steps=steps, guidance_scale=up_guidance, negative_prompt=negatives, eta=cfg.eta,
+            generator=generators, output_type="np",
+        ).frames
+        resolved["upscale"] = {"steps": steps, "guidance": up_guidance, "height": up.height, "width": up.width}
+    return list(frames), [resolved] * len(videos)
 
-    export = export_to_gif if out.suffix.lower() == ".gif" else export_to_video
-    return Path(export(frames, out, fps=cfg.fps))
+
+def _write(frames, path: Path, fps: int) -> Path:
+    from modelscope_t2v import video_io
+
+    export = video_io.export_to_gif if path.suffix.lower() == ".gif" else video_io.export_to_video
+    return Path(export(frames, path, fps=fps))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -316,7 +486,8 @@ def _register() -> None:
 
 
 # Free-text fields: `prompt=an astronaut riding a horse, 4k` is what users type, but commas, `!`, quotes
-# and `${` mean something to Hydra's override grammar. Unless the value is already quoted, quote it.
+# and `${` mean something to Hydra's override grammar. Unless the value is already quoted, quote it (but for
+# -m: there the commas of `prompt=a,b` make a sweep over two prompts).
 FREE_TEXT = ("prompt", "negative_prompt")
 
 
@@ -338,13 +509,14 @@ def _hydra_main() -> None:
     import hydra
 
     _register()
-    sys.argv[1:] = quote_free_text(sys.argv[1:])
+    if not {"-m", "--multirun"} & set(sys.argv[1:]):  # a sweep's commas separate its values
+        sys.argv[1:] = quote_free_text(sys.argv[1:])
 
     @hydra.main(version_base="1.3", config_path=None, config_name="sample")
     def main(cfg: DictConfig) -> None:
         try:
             path = generate(cfg)
-        except ValueError as e:  # a bad value: one clear line, no traceback
+        except (ValueError, OSError, FloatingPointError) as e:  # a bad value, file or number: one clear line
             print(f"error: {e}", file=sys.stderr)
             sys.exit(2)
         print(path)  # the last line of stdout

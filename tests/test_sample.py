@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import av
+import numpy as np
 import pytest
 import torch
 
@@ -288,7 +289,132 @@ def test_guidance_null_is_the_models_default(ckpt, tmp_path, monkeypatch):
             seen.append((_cls.__name__, kw["guidance_scale"])) or _real(self, prompt, **kw)))
     up = dict(width=40, height=24, strength=0.5)
     for model in (own, ckpt):
-        sample.generate(sample.SampleConfig(prompt="x", model=str(model), out=str(tmp_path / "v.mp4"), **TINY,
-                                            upscale=sample.UpscaleConfig(model=str(model), **up)))
+        sample.generate(sample.SampleConfig(prompt="x", model=str(model), out=str(tmp_path / f"{model.name}.mp4"),
+                                            **TINY, upscale=sample.UpscaleConfig(model=str(model), **up)))
     assert seen == [("TextToVideoSDPipeline", 3.0), ("VideoToVideoSDPipeline", 3.0),
                     ("TextToVideoSDPipeline", 9.0), ("VideoToVideoSDPipeline", 15.0)]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Many videos: prompt files, seeds in the names, sidecars, a manifest, resume, no silent overwrite,
+# torchrun shares, sweeps (issue 12)
+
+
+def _capture(monkeypatch):
+    """export_to_video writes a stub file and keeps the frames it was given, by path."""
+    got = {}
+
+    def export(frames, path, fps):
+        got[Path(path).name] = frames.copy()
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_bytes(b"stub")
+        return str(path)
+
+    monkeypatch.setattr("modelscope_t2v.video_io.export_to_video", export)
+    return got
+
+
+def test_prompt_file_gives_seeded_names_sidecars_and_a_manifest(ckpt, tmp_path, monkeypatch):
+    import json
+
+    from modelscope_t2v import pipelines
+
+    got = _capture(monkeypatch)
+    prompts = tmp_path / "prompts.csv"
+    prompts.write_text("prompt,seed\na red circle,7\n\"a cat, playing\",\n")
+    out = tmp_path / "videos"
+    manifest = sample.generate(dict(prompts=str(prompts), model=str(ckpt), num_videos_per_prompt=2, seed=40,
+                                    out_dir=str(out), batch_size=3, **TINY))
+    names = ["0000-s7-a-red-circle.mp4", "0001-s8-a-red-circle.mp4", "0002-s40-a-cat-playing.mp4",
+             "0003-s41-a-cat-playing.mp4"]
+    assert manifest == out / "manifest.jsonl" and sorted(got) == names
+    rows = [json.loads(line) for line in manifest.read_text().splitlines()]
+    assert [r["video"] for r in rows] == names and [r["seed"] for r in rows] == [7, 8, 40, 41]
+    side = json.loads((out / "0002-s40-a-cat-playing.json").read_text())
+    assert side["prompt"] == "a cat, playing" and side["request"]["steps"] == 2
+    assert side["resolved"]["height"] == 32 and "seed=40" in side["command"]
+    # each video is the one its own command writes: the batch it ran in changes nothing
+    one = sample.generate(dict(prompt="a cat, playing", seed=41, model=str(ckpt), out=str(tmp_path / "one.mp4"), **TINY))
+    np.testing.assert_allclose(got[one.name], got["0003-s41-a-cat-playing.mp4"], atol=2e-6)
+
+    # a rerun skips what is there (no model loads); another request into the same folder is refused
+    def no_load(*a, **k):
+        raise AssertionError("loaded a model for videos that are already there")
+
+    monkeypatch.setattr(pipelines.TextToVideoSDPipeline, "from_pretrained", classmethod(no_load))
+    sample.generate(dict(prompts=str(prompts), model=str(ckpt), num_videos_per_prompt=2, seed=40, out_dir=str(out),
+                         batch_size=3, **TINY))
+    with pytest.raises(ValueError, match="0000-s7-a-red-circle.mp4 exists .*overwrite=true"):
+        sample.generate(dict(prompts=str(prompts), model=str(ckpt), num_videos_per_prompt=2, seed=40,
+                             out_dir=str(out), **{**TINY, "steps": 3}))
+    with pytest.raises(ValueError, match="clip.mp4 exists"):
+        (tmp_path / "clip.mp4").write_bytes(b"mine")
+        sample.generate(dict(prompt="x", model=str(ckpt), out=str(tmp_path / "clip.mp4"), **TINY))
+    assert (tmp_path / "clip.mp4").read_bytes() == b"mine"
+
+
+@pytest.mark.parametrize("change,match", [
+    (dict(out="a-file/v.mp4"), "cannot be written"),  # a file where a folder must be
+    (dict(out_dir="a-file/videos", num_videos_per_prompt=2), "cannot be written"),
+    (dict(prompts="missing.txt", prompt=None), "prompts: no such file"),
+    (dict(out="a.mp4", num_videos_per_prompt=2), "several .* go to out_dir"),
+    (dict(prompt=None), "prompt= is required"),
+])
+def test_outputs_and_prompt_sources_are_checked_before_loading(change, match, monkeypatch, tmp_path):
+    from modelscope_t2v import pipelines
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "a-file").write_text("")
+    monkeypatch.setattr(pipelines.TextToVideoSDPipeline, "from_pretrained",
+                        classmethod(lambda *a, **k: pytest.fail("loaded before checking")))
+    with pytest.raises(ValueError, match=match):
+        sample.generate({"prompt": "x", **change})
+
+
+def test_cli_refuses_unknown_plus_keys_and_asks_for_a_prompt(tmp_path):
+    r = run_sample("prompt=x", "+foo=1", cwd=tmp_path)
+    assert r.returncode == 2 and "unknown key(s) ['foo']" in r.stderr.strip().splitlines()[-1]
+    r = run_sample(cwd=tmp_path)
+    assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].startswith("error: prompt= is required")
+    assert "Traceback" not in r.stderr and list(tmp_path.iterdir()) == []
+
+
+def test_cli_sweep_runs_one_video_per_prompt(ckpt, tmp_path):
+    r = run_sample("-m", "prompt=a red circle,a blue square", f"model={ckpt}", "steps=1", "num_frames=2",
+                   "height=32", "width=32", "progress=false", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    videos = sorted(p.name.split("-", 2)[2] for p in (tmp_path / "outputs").glob("*.mp4"))  # less the time stamp
+    assert videos == ["s0-a-blue-square.mp4", "s0-a-red-circle.mp4"]
+
+
+def test_torchrun_ranks_share_the_videos_and_write_one_manifest(ckpt, tmp_path):
+    import json
+
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red circle\na blue square\na green triangle\n")
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(REPO / "sample.py"), f"prompts={prompts}", f"model={ckpt}", f"out_dir={out}", "steps=1",
+           "num_frames=2", "height=32", "width=32", "progress=false", "device=cpu"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    r = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    rows = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
+    assert [row["index"] for row in rows] == [0, 1, 2] and all((out / row["video"]).is_file() for row in rows)
+    assert read_mp4(out / rows[2]["video"])[0] == 2
+    r = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0 and "already there" in r.stderr  # a rerun resumes: nothing to do
+
+
+def test_the_bundled_model_warns_outside_its_grammar_and_size(tmp_path, caplog):
+    import logging
+
+    caplog.set_level(logging.WARNING, logger="sample")
+    sample.generate(dict(prompt="a cat playing piano", steps=1, num_frames=2, height=32, width=32, progress=False,
+                         out=str(tmp_path / "v.mp4")))
+    text = caplog.text
+    assert "knows only prompts" in text and "'a cat playing piano'" in text
+    assert "trained on 16 frames at 64x64; 2 frames at 32x32" in text
+    caplog.clear()
+    sample.generate(dict(prompt="a red circle moving left", steps=1, progress=False, out=str(tmp_path / "w.mp4")))
+    assert "knows only" not in caplog.text and "trained on" not in caplog.text

@@ -89,6 +89,11 @@ def test_evaluate_script_rejects_bad_arguments_before_loading_anything():
     assert bad.returncode == 2 and "--reference-pairs (8) must be <= --pairs (4)" in bad.stderr
     bad = run("--probe", "-1")
     assert bad.returncode == 2 and "--probe >= 0" in bad.stderr
+    # an output that cannot be written is said before the run, not after it (a file where a folder must be)
+    bad = run("--out", "README.md/results.json")
+    assert bad.returncode == 2 and "README.md/results.json cannot be written" in bad.stderr
+    bad = run("--videos", "README.md/videos")
+    assert bad.returncode == 2 and "cannot be written" in bad.stderr
 
 
 def test_probe_captions_swap_exactly_one_word():
