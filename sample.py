@@ -382,18 +382,29 @@ def generate(cfg: SampleConfig | DictConfig | dict) -> Path:
         pipe.set_progress_bar_config(disable=not cfg.progress, file=sys.stderr)
         if cfg.vae_slicing:
             pipe.enable_vae_slicing()
-        upscaler = _upscaler(cfg, pipe, VideoToVideoSDPipeline, dtype, device)
         _warn_beyond_the_training_size(cfg, pipe)
         guidance = pipe.resolve_guidance_scale(cfg.guidance)
         log.info("model %s, sampler %s (%s spacing), %d steps, guidance %g%s, %s, %s: %d video(s)",
                  cfg.model, sampler_name(cfg.sampler), pipe.scheduler.config.timestep_spacing, cfg.steps, guidance,
                  " (the model's default)" if cfg.guidance is None and pipe.default_guidance_scale is not None else "",
                  device, cfg.dtype, len(todo))
+        upscaler = None
         for start in range(0, len(todo), cfg.batch_size):
             batch = todo[start:start + cfg.batch_size]
-            for (video, path), frames, resolved in zip(batch, *_make(cfg, pipe, upscaler, guidance, [v for v, _ in batch])):
-                _write(frames, path, cfg.fps)
+            generators = [torch.Generator("cpu").manual_seed(v.seed) for v, _ in batch]
+            frames, resolved = _first_pass(cfg, pipe, guidance, [v for v, _ in batch], generators)
+            if cfg.upscale.model is not None:
+                if upscaler is None:
+                    if len(todo) == 1 and cfg.upscale.model != cfg.model:
+                        del pipe  # one video: free the first model before loading the second
+                        pipe = None
+                    upscaler = _upscaler(cfg, pipe, VideoToVideoSDPipeline, dtype, device)
+                frames = _upscale_pass(cfg, upscaler, [v for v, _ in batch], generators, frames, resolved)
+            for (video, path), video_frames in zip(batch, frames):
+                # the sidecar first: a video beside its sidecar is complete (both are written atomically),
+                # and a crash between the two leaves a sidecar without its video, which a rerun makes
                 jobs.write_sidecar(path, video, request, resolved)
+                _write(video_frames, path, cfg.fps)
                 if folder is not None:
                     print(path, flush=True)
     if folder is None:
@@ -431,32 +442,42 @@ def _warn_beyond_the_training_size(cfg: SampleConfig, pipe) -> None:
                     *(a if a is not None else t for a, t in zip(asked, trained)))
 
 
-def _make(cfg: SampleConfig, pipe, upscaler, guidance: float, videos: list[jobs.Video]):
-    """(frames per video, f h w 3 in [0, 1]; what each resolved to): one pipeline call for the batch, each
-    video's noise from its own CPU generator (the video does not depend on the batch it ran in)."""
-    generators = [torch.Generator("cpu").manual_seed(v.seed) for v in videos]
-    prompts = [v.prompt for v in videos]
+def _prompts(videos: list[jobs.Video]) -> tuple[list[str], list[str] | None]:
     negatives = [v.negative_prompt or "" for v in videos] if any(v.negative_prompt for v in videos) else None
+    return [v.prompt for v in videos], negatives
+
+
+def _first_pass(cfg: SampleConfig, pipe, guidance: float, videos: list[jobs.Video], generators: list) -> tuple[list, dict]:
+    """(frames per video, f h w 3 in [0, 1]; what the batch resolved to): one pipeline call, each video's noise
+    from its own CPU generator (a video does not depend on the batch it ran in)."""
+    prompts, negatives = _prompts(videos)
     frames = pipe(
         prompts, height=cfg.height, width=cfg.width, num_frames=cfg.num_frames, num_inference_steps=cfg.steps,
         guidance_scale=guidance, negative_prompt=negatives, eta=cfg.eta, generator=generators, output_type="np",
     ).frames  # b f h w 3 in [0, 1]
     resolved = {"num_frames": frames.shape[1], "height": frames.shape[2], "width": frames.shape[3],
                 "guidance": guidance, "spacing": pipe.scheduler.config.timestep_spacing}
+    return list(frames), resolved
+
+
+def _upscale_pass(cfg: SampleConfig, upscaler, videos: list[jobs.Video], generators: list, frames: list,
+                  resolved: dict) -> list:
+    """The frames resized to upscale.width x height, then video-to-video with the upscaler (the generators go
+    on from where the first pass left them)."""
     up = cfg.upscale
-    if upscaler is not None:
-        steps = up.steps or cfg.steps
-        up_guidance = upscaler.resolve_guidance_scale(up.guidance, video_to_video=True)
-        log.info("upscaling to %dx%d with %s: strength %g, %d of %d steps, guidance %g",
-                 up.width, up.height, up.model, up.strength, int(steps * up.strength), steps, up_guidance)
-        resized = [resize_frames(f, up.width, up.height) for f in frames]
-        frames = upscaler(
-            prompts, video=resized[0] if len(resized) == 1 else np.stack(resized), strength=up.strength,
-            num_inference_steps=steps, guidance_scale=up_guidance, negative_prompt=negatives, eta=cfg.eta,
-            generator=generators, output_type="np",
-        ).frames
-        resolved["upscale"] = {"steps": steps, "guidance": up_guidance, "height": up.height, "width": up.width}
-    return list(frames), [resolved] * len(videos)
+    steps = up.steps or cfg.steps
+    up_guidance = upscaler.resolve_guidance_scale(up.guidance, video_to_video=True)
+    log.info("upscaling to %dx%d with %s: strength %g, %d of %d steps, guidance %g",
+             up.width, up.height, up.model, up.strength, int(steps * up.strength), steps, up_guidance)
+    resized = [resize_frames(f, up.width, up.height) for f in frames]
+    prompts, negatives = _prompts(videos)
+    out = upscaler(
+        prompts, video=resized[0] if len(resized) == 1 else np.stack(resized), strength=up.strength,
+        num_inference_steps=steps, guidance_scale=up_guidance, negative_prompt=negatives, eta=cfg.eta,
+        generator=generators, output_type="np",
+    ).frames
+    resolved["upscale"] = {"steps": steps, "guidance": up_guidance, "height": up.height, "width": up.width}
+    return list(out)
 
 
 def _write(frames, path: Path, fps: int) -> Path:
