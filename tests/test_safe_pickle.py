@@ -109,7 +109,6 @@ def test_not_a_checkpoint_is_named(tmp_path):
 # Pickles that change the process without calling anything, or allocate without bound (issue 12).
 # Written opcode by opcode; torch.load reads a non-zip file as a legacy pickle stream.
 
-import collections  # noqa: E402
 import pickle  # noqa: E402
 import struct  # noqa: E402
 

@@ -537,7 +537,6 @@ def test_a_checkpoint_takes_only_the_unet_fields_that_keep_its_tensors(trained_r
 def test_checkpoints_carry_the_start_models_default_guidance_scale(trained_run, tmp_path):
     """A model started from a folder with default_guidance_scale writes it into every checkpoint (the first
     is written whole, later ones link the frozen parts: both paths), EMA and raw."""
-    import shutil
 
     start = tmp_path / "start"
     shutil.copytree(trained_run / "checkpoints" / "last", start, ignore=shutil.ignore_patterns("training_state", "raw"))

@@ -3,6 +3,7 @@
     noise.py      Gaussian noise drawn in diffusers' order (the same seed, the same video)
     schedule.py   betas, alphas_cumprod, zero terminal SNR, the forward process, timestep spacings
     samplers.py   DDIM and DPM-Solver++ (one signature), classifier-free guidance
+    consistency.py  few-step consistency (LCM-style) sampling, its timesteps and guidance embedding
     losses.py     the training objectives: timestep draws, targets, the diffusion and autoencoder losses
 """
 
