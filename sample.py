@@ -101,6 +101,10 @@ class SampleConfig:
     device: str = "auto"  # auto (cuda if available; under torchrun cuda:LOCAL_RANK) | cpu | cuda | cuda:N
     vae_slicing: bool = True  # decode one frame at a time: memory flat in the number of frames, same output
     progress: bool = True  # tqdm progress bar on stderr
+    # LoRA(s) applied to the model: a file, a folder holding pytorch_lora_weights.safetensors, or a hub id;
+    # several as a list: lora=[style.safetensors,motion.pt]. Any layout pipe.load_lora_weights reads.
+    lora: Any = None
+    lora_scale: Any = 1.0  # the LoRA's weight, or one per LoRA: lora_scale=[0.8,1.0] (0: the base model)
     upscale: UpscaleConfig = field(default_factory=UpscaleConfig)
 
 
@@ -152,6 +156,32 @@ def _model_ref(name: str, v: Any) -> None:
         return  # a hub id (org/name); whether it exists is for the loader (and the cache / network) to say
     raise ValueError(f"{name}={v!r} is neither a bundled model {bundled_models()}, a preset {presets()}, "
                      "an existing folder, nor a hub id (org/name)")
+
+
+def loras(cfg: SampleConfig) -> list[tuple[str, float]]:
+    """(LoRA reference, weight) pairs of `lora=` and `lora_scale=`; ValueError naming a bad one. Loads nothing."""
+    refs = [] if cfg.lora is None else [cfg.lora] if isinstance(cfg.lora, str) else cfg.lora
+    if not isinstance(refs, (list, tuple)) or not all(isinstance(r, str) and r.strip() for r in refs):
+        raise ValueError(f"lora must be a path or hub id, or a list of them: lora=[a.safetensors,b.pt]; got {cfg.lora!r}")
+    for r in refs:
+        local = Path(r).expanduser()
+        if not local.exists() and not (re.fullmatch(r"[\w.-]+/[\w.-]+", r) and not r.startswith((".", "/", "~"))):
+            raise ValueError(f"lora={r!r}: no such file or folder, and not a hub id (org/name)")
+    scales = cfg.lora_scale if isinstance(cfg.lora_scale, (list, tuple)) else [cfg.lora_scale] * len(refs)
+    if len(scales) != len(refs):
+        raise ValueError(f"lora_scale: {len(scales)} weights for {len(refs)} LoRA(s); give one, or one per LoRA")
+    for v in scales:
+        _finite("lora_scale", v)
+    return [(r, float(v)) for r, v in zip(refs, scales)]
+
+
+def apply_loras(pipe, pairs: list[tuple[str, float]]) -> None:
+    """Load each LoRA into `pipe` (adapters lora0, lora1, ...) and make them the active ones at their weights."""
+    if not pairs:
+        return
+    names = [pipe.load_lora_weights(ref, adapter_name=f"lora{i}") for i, (ref, _) in enumerate(pairs)]
+    pipe.set_adapters(names, [w for _, w in pairs])
+    log.info("LoRA: %s", ", ".join(f"{ref} (weight {w:g})" for ref, w in pairs))
 
 
 def resolve_device(device: str) -> torch.device:
@@ -209,6 +239,7 @@ def validate(cfg: SampleConfig) -> None:
     if cfg.dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {list(DTYPES)}, got {cfg.dtype!r}")
     resolve_device(cfg.device)
+    loras(cfg)
     up = cfg.upscale
     if up.model is not None:
         _model_ref("upscale.model", up.model)
@@ -299,7 +330,9 @@ def _request(cfg: SampleConfig) -> dict[str, Any]:
     keep = ("model", "sampler", "steps", "guidance", "spacing", "eta", "num_frames", "height", "width", "fps",
             "dtype")
     up = dataclasses.asdict(cfg.upscale) if cfg.upscale.model is not None else None
-    return {**{k: getattr(cfg, k) for k in keep}, "sampler": sampler_name(cfg.sampler), "upscale": up}
+    pairs = loras(cfg)
+    lora = {"lora": [r for r, _ in pairs], "lora_scale": [w for _, w in pairs]} if pairs else {}
+    return {**{k: getattr(cfg, k) for k in keep}, "sampler": sampler_name(cfg.sampler), **lora, "upscale": up}
 
 
 def _warn_beyond_the_model(cfg: SampleConfig, videos: list[jobs.Video]) -> None:
@@ -379,6 +412,7 @@ def generate(cfg: SampleConfig | DictConfig | dict) -> Path:
     if todo:
         pipe = load_pipeline(cfg.model, TextToVideoSDPipeline, dtype).to(device)
         set_sampler(pipe, cfg.sampler, cfg.spacing)
+        apply_loras(pipe, loras(cfg))
         pipe.set_progress_bar_config(disable=not cfg.progress, file=sys.stderr)
         if cfg.vae_slicing:
             pipe.enable_vae_slicing()

@@ -9,7 +9,8 @@ The diffusers-style API: `DiffusionPipeline.from_pretrained("damo-vilab/text-to-
     data/       the data sources and the resumable batch stream
     training/   the trainer: configs, objectives, checkpoints, validation, EMA, processes
     eval/       reading generated videos back (the shapes world)
-    pipelines/  schedulers.py  video_io.py   the diffusers-compatible API (jobs.py: many videos at once)
+    lora/       LoRA adapters through peft: targets, load / weigh / fuse (files: formats/lora_layout.py)
+    pipelines/  schedulers/  video_io.py   the diffusers-compatible API (jobs.py: many videos at once)
 """
 
 from .pipelines import (
@@ -18,7 +19,7 @@ from .pipelines import (
     TextToVideoSDPipelineOutput,
     VideoToVideoSDPipeline,
 )
-from .schedulers import DDIMScheduler, DPMSolverMultistepScheduler
+from .schedulers import DDIMScheduler, DPMSolverMultistepScheduler, LCMScheduler
 from .video_io import export_to_gif, export_to_video
 
 __version__ = "0.1.0"
@@ -27,6 +28,7 @@ __all__ = [
     "DDIMScheduler",
     "DPMSolverMultistepScheduler",
     "DiffusionPipeline",
+    "LCMScheduler",
     "TextToVideoSDPipeline",
     "TextToVideoSDPipelineOutput",
     "VideoToVideoSDPipeline",

@@ -146,3 +146,68 @@ def detect_layout(folder: Path) -> str:
         f"{folder}: neither a diffusers folder (model_index.json) nor an original ModelScope folder "
         f"(configuration.json); it holds {present}"
     )
+
+
+# ---------------------------------------------------------------------------------------------------
+# A single file (a LoRA): a path, a file in a folder, or a file of a hub repo.
+
+def resolve_file(path_or_repo_id: str | os.PathLike, weight_name: str | None, default_names: tuple[str, ...],
+                 suffixes: tuple[str, ...], *, subfolder: str | None = None, revision: str | None = None,
+                 what: str = "file") -> Path:
+    """A file as is; in a folder, `weight_name`, else the first of `default_names` there, else its only file
+    ending in one of `suffixes`; a hub id the same way (downloaded, or from the cache with HF_HUB_OFFLINE=1).
+    LayoutError naming what was looked for otherwise."""
+    local = Path(path_or_repo_id).expanduser()
+    if local.is_file():
+        if weight_name is not None:
+            raise LayoutError(f"weight_name={weight_name!r} was given, but {local} is a file, not a folder")
+        return local
+    if local.is_dir():
+        folder = local / subfolder if subfolder else local
+        return _pick_file(folder, [p.name for p in folder.iterdir() if p.is_file()] if folder.is_dir() else [],
+                          weight_name, default_names, suffixes, what, lambda name: folder / name)
+    repo_id = str(path_or_repo_id)
+    if repo_id.count("/") != 1 or local.exists() or repo_id.startswith((".", "/", "~")):
+        raise LayoutError(f"{what} {repo_id!r} is neither a file, a folder nor a hub id of the form 'org/name'")
+    from huggingface_hub import hf_hub_download, list_repo_files
+    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
+
+    cache_dir = _hub_cache_dir()
+    names = [weight_name] if weight_name else list(default_names)
+    if _env_flag("HF_HUB_OFFLINE"):
+        for name in names:
+            try:
+                return Path(hf_hub_download(repo_id, name, subfolder=subfolder, revision=revision,
+                                            cache_dir=cache_dir, local_files_only=True))
+            except (LocalEntryNotFoundError, EntryNotFoundError):
+                continue
+        raise LayoutError(f"{what}: none of {names} of {repo_id!r} is in the Hugging Face cache at {cache_dir} and "
+                          "HF_HUB_OFFLINE is set (pass weight_name= for another file name)")
+    try:
+        files = list_repo_files(repo_id, revision=revision)
+    except Exception as e:  # noqa: BLE001 - no network, no such repo, a proxy: say which and how to go offline
+        raise LayoutError(f"{what} {repo_id!r}: the Hugging Face hub cannot be reached or has no such repo "
+                          f"({type(e).__name__}); set HF_HUB_OFFLINE=1 with it in the cache ({cache_dir}) or pass a "
+                          "local file") from None
+    prefix = f"{subfolder}/" if subfolder else ""
+    inside = [f[len(prefix):] for f in files if f.startswith(prefix) and "/" not in f[len(prefix):]]
+    return _pick_file(None, inside, weight_name, default_names, suffixes, f"{what} {repo_id!r}",
+                      lambda name: Path(hf_hub_download(repo_id, name, subfolder=subfolder, revision=revision,
+                                                        cache_dir=cache_dir)))
+
+
+def _pick_file(folder: Path | None, files: list[str], weight_name, default_names, suffixes, what, fetch) -> Path:
+    where = folder if folder is not None else what
+    if weight_name is not None:
+        if weight_name not in files:
+            raise LayoutError(f"{where}: no file {weight_name!r} (it holds {sorted(files)[:10]})")
+        return fetch(weight_name)
+    for name in default_names:
+        if name in files:
+            return fetch(name)
+    candidates = sorted(f for f in files if f.endswith(suffixes))
+    if len(candidates) == 1:
+        return fetch(candidates[0])
+    if not candidates:
+        raise LayoutError(f"{where}: no {'/'.join(default_names)} and no file ending in {'/'.join(suffixes)}")
+    raise LayoutError(f"{where}: several candidate files {candidates[:10]}; pass weight_name= to choose one")

@@ -7,6 +7,7 @@ being finite during a call are a NonFiniteError naming the step and the componen
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 
@@ -121,3 +122,25 @@ def require_finite(x: torch.Tensor, what: str, *, half: bool = False) -> None:
                 "here; load with torch_dtype=torch.float32 (or bfloat16), or keep the autoencoder in float32 "
                 "(pipe.vae.to(torch.float32)).")
     raise NonFiniteError(f"{what} is not finite (NaN or inf).{hint}")
+
+
+def lora_call_scale(cross_attention_kwargs, has_lora: bool, fused: bool) -> float:
+    """The per-call LoRA scale of `cross_attention_kwargs` (diffusers' {"scale": s}, default 1); other keys go
+    to attention processors in diffusers, which this UNet has none of: accepted and ignored with a warning."""
+    if cross_attention_kwargs is None:
+        return 1.0
+    if not isinstance(cross_attention_kwargs, dict):
+        raise TypeError(f"cross_attention_kwargs must be a dict, got {type(cross_attention_kwargs).__name__}")
+    other = sorted(k for k in cross_attention_kwargs if k != "scale")
+    if other:
+        warnings.warn(f"cross_attention_kwargs {other} are ignored (this UNet has no attention processors; only "
+                      "'scale', the LoRA scale, is used)", stacklevel=3)
+    if "scale" not in cross_attention_kwargs:
+        return 1.0
+    scale = finite_number("cross_attention_kwargs['scale']", cross_attention_kwargs["scale"])
+    if fused and scale != 1.0:
+        warnings.warn("cross_attention_kwargs['scale'] has no effect on a fused LoRA (unfuse_lora() first, or "
+                      "fuse_lora(lora_scale=...))", stacklevel=3)
+    elif not has_lora and scale != 1.0:
+        warnings.warn("cross_attention_kwargs['scale'] is given but no LoRA is loaded", stacklevel=3)
+    return scale

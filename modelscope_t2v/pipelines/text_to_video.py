@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import sys
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, ClassVar
@@ -27,7 +26,9 @@ from ..models.unet import UNet3D
 from ..models.vae import AutoencoderKL
 from ..schedulers import scheduler_from_config
 from ..video_io import VideoFrames, video_to_tensor
-from .checks import check_call, check_fits, finite_number, finite_tensor, positive_int, require_finite
+from .. import lora
+from .checks import check_call, check_fits, finite_number, finite_tensor, lora_call_scale, positive_int, require_finite
+from .lora import LoraMethods
 from .placement import Placement, accelerator, cpu_precision
 
 
@@ -39,7 +40,7 @@ class TextToVideoSDPipelineOutput:
     frames: Any
 
 
-class TextToVideoSDPipeline:
+class TextToVideoSDPipeline(LoraMethods):
     """Text-to-video with the ModelScope space-time UNet (components as in diffusers' pipeline)."""
 
     video_to_video: ClassVar[bool] = False  # what a call without `video=` does (VideoToVideoSDPipeline: True)
@@ -151,8 +152,15 @@ class TextToVideoSDPipeline:
         folder = Path(save_directory)
         folder.mkdir(parents=True, exist_ok=True)
 
+        if lora.has_unfused(self.unet):
+            raise ValueError(
+                f"save_pretrained: LoRA adapters {lora.adapter_names(self.unet)} are loaded and not fused, so the "
+                "UNet's weights alone are not the model that runs; fuse_lora() (then unload_lora_weights()) to "
+                "save the adapted model, unload_lora_weights() to save the base one, or save_lora_weights() "
+                "for the adapter")
+
         def state(m):
-            return {k: v.detach().cpu() for k, v in m.state_dict().items()}
+            return {k: v.detach().cpu() for k, v in lora.base_state_dict(m).items()}
 
         for name in folders.COMPONENTS:
             module = getattr(self, name)
@@ -363,15 +371,12 @@ class TextToVideoSDPipeline:
         return context
 
     def _denoise(self, latents, timesteps, context, guidance_scale, *, eta, generator, callback, callback_steps,
-                 callback_on_step_end, callback_on_step_end_tensor_inputs, cross_attention_kwargs) -> torch.Tensor:
+                 callback_on_step_end, callback_on_step_end_tensor_inputs, lora_scale: float = 1.0) -> torch.Tensor:
         """Run the scheduler's sampler over `timesteps` with classifier-free guidance and the callbacks."""
         from tqdm.auto import tqdm
 
         unet = self.unet
         scale_in = getattr(self.scheduler, "scale_model_input", lambda x, t: x)
-        if cross_attention_kwargs:
-            warnings.warn("cross_attention_kwargs is accepted for compatibility and ignored (no attention processors)",
-                          stacklevel=3)
 
         step = [0]  # the step being computed, for the messages of the finiteness checks
 
@@ -400,7 +405,7 @@ class TextToVideoSDPipeline:
             return None
 
         try:
-            with self._placement.placed(unet):
+            with self._placement.placed(unet), lora.scaled(unet, lora_scale):
                 return self.scheduler.sample(model_fn, latents, timesteps, generator=generator,
                                              callback=step_callback, eta=eta)
         finally:
@@ -487,6 +492,7 @@ class TextToVideoSDPipeline:
                            guidance_scale, output_type, callback_steps, num_videos_per_prompt, decode_chunk_size,
                            text_width=self.unet.config.cross_attention_dim)
         total = batch * num_videos_per_prompt
+        lora_scale = lora_call_scale(cross_attention_kwargs, bool(lora.adapter_names(self.unet)), lora.is_fused(self.unet))
         finite_number("eta", eta, low=0.0)
         finite_tensor("latents", latents)
         if isinstance(generator, list) and len(generator) != total:
@@ -537,7 +543,7 @@ class TextToVideoSDPipeline:
                     latents, timesteps, context, guidance_scale, eta=eta, generator=generator,
                     callback=callback, callback_steps=callback_steps, callback_on_step_end=callback_on_step_end,
                     callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
-                    cross_attention_kwargs=cross_attention_kwargs,
+                    lora_scale=lora_scale,
                 )
             return self._finish(latents, output_type, return_dict, decode_chunk_size)
 
