@@ -288,17 +288,8 @@ def lcm(
         t_model = torch.tensor(t, dtype=torch.int64, device=x.device)
         out = model_fn(x, t_model)
         abar_next = abar[ts[i + 1]] if i + 1 < n else final
-        x, _ = lcm_step(
-            out,
-            x,
-            t,
-            abar[t],
-            abar_next,
-            generator=generator,
-            prediction_type=prediction_type,
-            timestep_scaling=timestep_scaling,
-            clip_sample=clip_sample,
-        )
+        x, _ = lcm_step(out, x, t, abar[t], abar_next, generator=generator, prediction_type=prediction_type,
+                        timestep_scaling=timestep_scaling, clip_sample=clip_sample)
         x = _maybe_replace(callback, i, t_model, x)
     return x
 

@@ -18,6 +18,7 @@ import torch
 from ..diffusion import samplers
 from ..diffusion.noise import Generator
 from ..diffusion.schedule import BETA_SCHEDULES, make_betas, rescale_zero_terminal_snr
+from ..diffusion.schedule import alphas_cumprod as cumprod_alphas
 from ..formats.files import read_json, write_json
 
 CONFIG_NAME = "scheduler_config.json"
@@ -87,6 +88,44 @@ _SCHEDULE_DEFAULTS = {
 }
 
 
+class _StepIndex:
+    """diffusers' step counter of the stateful multistep schedulers (DPM-Solver, LCM): `step_index` starts at
+    `begin_index` (set by a truncated schedule) or at the position of the first step's timestep."""
+
+    _step_index: int | None = None
+    _begin_index: int | None = None
+
+    @property
+    def step_index(self) -> int | None:
+        return self._step_index
+
+    @property
+    def begin_index(self) -> int | None:
+        return self._begin_index
+
+    def set_begin_index(self, begin_index: int = 0) -> None:
+        """Where a truncated schedule (video-to-video) starts, for `step` (and `add_noise`)."""
+        self._begin_index = begin_index
+
+    def _current_step_index(self, timestep) -> int:
+        if self._step_index is None:
+            begin = self._begin_index
+            self._step_index = begin if begin is not None else self._index_for_timestep(timestep)
+        return self._step_index
+
+    def _index_for_timestep(self, timestep) -> int:  # overridden
+        raise NotImplementedError
+
+    @staticmethod
+    def _match_index(schedule: torch.Tensor, timestep) -> int | None:
+        """diffusers' rule: the second index of `timestep` in `schedule` if it occurs twice (image-to-image
+        restarts), else the first; None if it does not occur."""
+        hits = (schedule.cpu() == torch.as_tensor(timestep).cpu()).nonzero().flatten().tolist()
+        if not hits:
+            return None
+        return hits[1] if len(hits) > 1 else hits[0]
+
+
 class _Scheduler:
     """Config handling shared by the adapters (diffusers' ConfigMixin semantics, see module doc)."""
 
@@ -111,6 +150,17 @@ class _Scheduler:
 
     def _setup(self) -> None:  # build the schedule; overridden
         raise NotImplementedError
+
+    def _set_discrete_schedule(self) -> None:
+        """DDIM's and LCM's tables: betas, alphas, their products, the product after the last step (1 with
+        `set_alpha_to_one`, else abar_0), and the full descending integer timesteps."""
+        cfg = self._config
+        self.betas = _betas(cfg)
+        self.alphas = 1.0 - self.betas
+        self.alphas_cumprod = cumprod_alphas(self.betas)
+        self.final_alpha_cumprod = torch.tensor(1.0) if cfg.set_alpha_to_one else self.alphas_cumprod[0]
+        self.num_inference_steps: int | None = None
+        self.timesteps = torch.arange(cfg.num_train_timesteps - 1, -1, -1, dtype=torch.int64)
 
     @property
     def config(self) -> SchedulerConfig:

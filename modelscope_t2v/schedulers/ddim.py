@@ -14,11 +14,9 @@ from ..diffusion.schedule import (
     stride_prev_timesteps,
     velocity,
 )
-from ..diffusion.schedule import alphas_cumprod as cumprod_alphas
 from .base import (
     _SCHEDULE_DEFAULTS,
     SchedulerOutput,
-    _betas,
     _require,
     _require_off,
     _Scheduler,
@@ -52,12 +50,7 @@ class DDIMScheduler(_Scheduler):
         _require(cfg, "prediction_type", samplers.PREDICTION_TYPES)
         _require(cfg, "timestep_spacing", self.SPACINGS)
         _require_off(cfg, "thresholding")
-        self.betas = _betas(cfg)
-        self.alphas = 1.0 - self.betas
-        self.alphas_cumprod = cumprod_alphas(self.betas)
-        self.final_alpha_cumprod = torch.tensor(1.0) if cfg.set_alpha_to_one else self.alphas_cumprod[0]
-        self.num_inference_steps: int | None = None
-        self.timesteps = torch.arange(cfg.num_train_timesteps - 1, -1, -1, dtype=torch.int64)
+        self._set_discrete_schedule()
 
     def set_timesteps(self, num_inference_steps: int, device: str | torch.device | None = None) -> None:
         self._check_steps(num_inference_steps)

@@ -19,10 +19,11 @@ from .base import (
     _require,
     _require_off,
     _Scheduler,
+    _StepIndex,
 )
 
 
-class DPMSolverMultistepScheduler(_Scheduler):
+class DPMSolverMultistepScheduler(_StepIndex, _Scheduler):
     """Multistep DPM-Solver++ (Lu et al. 2022) with diffusers' DPMSolverMultistepScheduler config
     and numerics: algorithm_type "dpmsolver++" / "sde-dpmsolver++", solver_order 1-3, integer
     timestep spacings. Not supported (ValueError naming the key): karras / exponential / beta /
@@ -111,18 +112,6 @@ class DPMSolverMultistepScheduler(_Scheduler):
         self.lower_order_nums = 0
         self._step_index: int | None = None
 
-    @property
-    def step_index(self) -> int | None:
-        return self._step_index
-
-    @property
-    def begin_index(self) -> int | None:
-        return self._begin_index
-
-    def set_begin_index(self, begin_index: int = 0) -> None:
-        """Where a truncated schedule (video-to-video) starts, for `step` / `add_noise`."""
-        self._begin_index = begin_index
-
     def set_timesteps(
         self,
         num_inference_steps: int | None = None,
@@ -157,10 +146,7 @@ class DPMSolverMultistepScheduler(_Scheduler):
         """`samplers.dpm_solver_multistep`; `eta` is ignored (as diffusers ignores it for this scheduler)."""
         cfg = self._config
         return samplers.dpm_solver_multistep(
-            model_fn,
-            x,
-            self.alphas_cumprod,
-            ts,
+            model_fn, x, self.alphas_cumprod, ts,
             order=cfg.solver_order,
             algorithm=cfg.algorithm_type,
             solver_type=cfg.solver_type,
@@ -173,13 +159,10 @@ class DPMSolverMultistepScheduler(_Scheduler):
         )
 
     def _index_for_timestep(self, timestep, schedule: torch.Tensor | None = None) -> int:
-        # diffusers' rule: the second match if t occurs twice (image-to-image restarts), the last
-        # index if it does not occur.
+        # diffusers' rule (_match_index), and the last index if t does not occur
         schedule = self.timesteps if schedule is None else schedule
-        hits = (schedule.cpu() == torch.as_tensor(timestep).cpu()).nonzero().flatten().tolist()
-        if not hits:
-            return len(schedule) - 1
-        return hits[1] if len(hits) > 1 else hits[0]
+        index = self._match_index(schedule, timestep)
+        return len(schedule) - 1 if index is None else index
 
     def _point(self, index: int) -> tuple[float, float]:
         s = self.sigmas[index].to(torch.float32)
@@ -199,10 +182,7 @@ class DPMSolverMultistepScheduler(_Scheduler):
         if self.num_inference_steps is None:
             raise ValueError("call set_timesteps(num_inference_steps) first")
         cfg = self._config
-        if self._step_index is None:
-            begin = self._begin_index
-            self._step_index = begin if begin is not None else self._index_for_timestep(timestep)
-        i, n = self._step_index, len(self.timesteps)
+        i, n = self._current_step_index(timestep), len(self.timesteps)
         alpha_s, sigma_s = self._point(i)
         x0 = samplers.to_x0(model_output, sample, alpha_s, sigma_s, cfg.prediction_type)
         self.model_outputs = self.model_outputs[1:] + [x0]

@@ -12,8 +12,7 @@ import torch
 from ..diffusion import consistency, samplers
 from ..diffusion.noise import Generator
 from ..diffusion.schedule import add_noise, velocity
-from ..diffusion.schedule import alphas_cumprod as cumprod_alphas
-from .base import _betas, _require, _require_off, _Scheduler
+from .base import _require, _require_off, _Scheduler, _StepIndex
 
 
 @dataclass
@@ -28,7 +27,7 @@ class LCMSchedulerOutput:
         return items[index]
 
 
-class LCMScheduler(_Scheduler):
+class LCMScheduler(_StepIndex, _Scheduler):
     """Multistep consistency sampling (LCM, Luo et al. 2023) with diffusers' LCMScheduler config and
     numerics, over `consistency.lcm`.
 
@@ -73,12 +72,7 @@ class LCMScheduler(_Scheduler):
         consistency._check_positive(cfg.timestep_scaling, "timestep_scaling", allow_zero=True)
         if cfg.clip_sample:
             consistency._check_positive(cfg.clip_sample_range, "clip_sample_range")
-        self.betas = _betas(cfg)
-        self.alphas = 1.0 - self.betas
-        self.alphas_cumprod = cumprod_alphas(self.betas)
-        self.final_alpha_cumprod = torch.tensor(1.0) if cfg.set_alpha_to_one else self.alphas_cumprod[0]
-        self.num_inference_steps: int | None = None
-        self.timesteps = torch.arange(cfg.num_train_timesteps - 1, -1, -1, dtype=torch.int64)
+        self._set_discrete_schedule()
         self.custom_timesteps = False
         self._step_index: int | None = None
         self._begin_index: int | None = None
@@ -89,18 +83,6 @@ class LCMScheduler(_Scheduler):
             raise ValueError(f"`original_inference_steps` must be an int in [1, num_train_timesteps={n_train}], "
                              f"got {value!r}")
         return value
-
-    @property
-    def step_index(self) -> int | None:
-        return self._step_index
-
-    @property
-    def begin_index(self) -> int | None:
-        return self._begin_index
-
-    def set_begin_index(self, begin_index: int = 0) -> None:
-        """Where a truncated schedule (video-to-video) starts, for `step`."""
-        self._begin_index = begin_index
 
     def set_timesteps(
         self,
@@ -164,42 +146,24 @@ class LCMScheduler(_Scheduler):
         """`consistency.lcm`; returns the last step's denoised sample. `eta` is ignored (as diffusers'
         LCMScheduler takes none)."""
         cfg = self._config
-        return consistency.lcm(
-            model_fn,
-            x,
-            self.alphas_cumprod,
-            ts,
-            prediction_type=cfg.prediction_type,
-            timestep_scaling=cfg.timestep_scaling,
-            clip_sample=self._clip(),
-            generator=generator,
-            callback=callback,
-        )
+        return consistency.lcm(model_fn, x, self.alphas_cumprod, ts, prediction_type=cfg.prediction_type,
+                               timestep_scaling=cfg.timestep_scaling, clip_sample=self._clip(), generator=generator,
+                               callback=callback)
 
     def _index_for_timestep(self, timestep) -> int:
-        # diffusers' rule: the second match if t occurs twice (a restart), else the first.
-        hits = (self.timesteps.cpu() == torch.as_tensor(timestep).cpu()).nonzero().flatten().tolist()
-        if not hits:
+        index = self._match_index(self.timesteps, timestep)  # diffusers' rule
+        if index is None:
             raise ValueError(f"`timestep`={int(timestep)} is not in this schedule {self.timesteps.tolist()}")
-        return hits[1] if len(hits) > 1 else hits[0]
+        return index
 
-    def step(
-        self,
-        model_output: torch.Tensor,
-        timestep: int | torch.Tensor,
-        sample: torch.Tensor,
-        generator: Generator = None,
-        return_dict: bool = True,
-    ):
+    def step(self, model_output: torch.Tensor, timestep: int | torch.Tensor, sample: torch.Tensor,
+             generator: Generator = None, return_dict: bool = True):
         """One consistency step (diffusers API, stateful: it steps to the schedule's next timestep);
         prefer `sample`. Returns (prev_sample, denoised)."""
         if self.num_inference_steps is None:
             raise ValueError("call set_timesteps(num_inference_steps) first")
         cfg = self._config
-        if self._step_index is None:
-            begin = self._begin_index
-            self._step_index = begin if begin is not None else self._index_for_timestep(timestep)
-        i, t = self._step_index, int(timestep)
+        i, t = self._current_step_index(timestep), int(timestep)
         # diffusers' rule: the last step is the step_index num_inference_steps - 1 (past the end of a
         # truncated custom schedule, the step re-noises to its own timestep).
         t_next = int(self.timesteps[i + 1]) if i + 1 < len(self.timesteps) else t

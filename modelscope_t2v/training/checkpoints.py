@@ -249,12 +249,19 @@ def write_training_checkpoint(folder: Path, *, pipe: TextToVideoSDPipeline, sche
     for entry in list(folder.iterdir()):
         if entry.name != "raw" and (raw is None or entry.name not in trained):
             link_tree(entry, raw_dir / entry.name)
+    write_training_state(folder, optimizer, scaler, trainer_state)
+
+
+def write_training_state(folder: Path, optimizer: tuple[dict, dict], scaler: dict | None,
+                         trainer_state: dict) -> None:
+    """A step folder's training_state/: optimizer (by parameter name), grad scaler, trainer_state.json last
+    (its presence says the rest is there)."""
     state_dir = folder / "training_state"
     state_dir.mkdir()
     write_optimizer(state_dir, *optimizer)
     if scaler is not None:
         write_json(state_dir / "scaler.json", scaler)
-    write_json(state_dir / "trainer_state.json", trainer_state)  # written last
+    write_json(state_dir / "trainer_state.json", trainer_state)
 
 
 # ---------------------------------------------------------------------------------------------------
