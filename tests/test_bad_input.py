@@ -104,6 +104,13 @@ def test_non_finite_values_are_named_where_they_appear(pipe, monkeypatch):
         pipe("a cat", generator=_gen(), **KW)
     monkeypatch.undo()
 
+    # a finite UNet output that the sampler's step takes past float32's range: named at the step that did it
+    real_unet = pipe.unet.forward
+    monkeypatch.setattr(pipe.unet, "forward", lambda *a, **k: torch.full_like(real_unet(*a, **k), 3e38))
+    with pytest.raises(NonFiniteError, match=r"the latents after step 0 \(t=\d+\), from the DDIMScheduler"):
+        pipe("a cat", generator=_gen(), **KW)
+    monkeypatch.undo()
+
     real = pipe.text_encoder.forward
 
     def text(*args, **kwargs):

@@ -353,6 +353,26 @@ def test_prompt_file_gives_seeded_names_sidecars_and_a_manifest(ckpt, tmp_path, 
     assert (tmp_path / "clip.mp4").read_bytes() == b"mine"
 
 
+def test_a_crash_between_sidecar_and_video_leaves_what_a_rerun_makes(ckpt, tmp_path, monkeypatch):
+    from modelscope_t2v import jobs
+
+    got = _capture(monkeypatch)
+    out = tmp_path / "v.mp4"
+
+    def killed(frames, path, fps):
+        assert jobs.sidecar_path(path).is_file()  # the sidecar is written first
+        raise RuntimeError("killed while writing the video")
+
+    real = sample._write
+    monkeypatch.setattr(sample, "_write", killed)
+    with pytest.raises(RuntimeError, match="killed"):
+        sample.generate(dict(prompt="a cat", model=str(ckpt), out=str(out), **TINY))
+    assert not out.exists()
+    monkeypatch.setattr(sample, "_write", real)
+    assert sample.generate(dict(prompt="a cat", model=str(ckpt), out=str(out), **TINY)) == out  # not refused
+    assert out.read_bytes() == b"stub" and "v.mp4" in got
+
+
 @pytest.mark.parametrize("change,match", [
     (dict(out="a-file/v.mp4"), "cannot be written"),  # a file where a folder must be
     (dict(out_dir="a-file/videos", num_videos_per_prompt=2), "cannot be written"),
