@@ -15,6 +15,7 @@ The diffusers-style API: `DiffusionPipeline.from_pretrained("damo-vilab/text-to-
 
 from .pipelines import (
     DiffusionPipeline,
+    T2VTurboMSPipeline,
     TextToVideoSDPipeline,
     TextToVideoSDPipelineOutput,
     VideoToVideoSDPipeline,
@@ -29,6 +30,7 @@ __all__ = [
     "DPMSolverMultistepScheduler",
     "DiffusionPipeline",
     "LCMScheduler",
+    "T2VTurboMSPipeline",
     "TextToVideoSDPipeline",
     "TextToVideoSDPipelineOutput",
     "VideoToVideoSDPipeline",

@@ -84,7 +84,8 @@ def released_scheduler_config() -> dict[str, Any]:
 # diffusers passes model_index.json's keys to the pipeline's __init__ and logs and drops the ones it does not
 # take, so a folder carrying them still loads there (at diffusers' own defaults).
 DEFAULT_GUIDANCE_KEY = "default_guidance_scale"
-GENERATION_DEFAULTS = (DEFAULT_GUIDANCE_KEY, "default_num_frames", "default_height", "default_width")
+GENERATION_DEFAULTS = (DEFAULT_GUIDANCE_KEY, "default_num_frames", "default_height", "default_width",
+                       "default_num_inference_steps")
 
 
 def check_generation_defaults(values: Mapping[str, Any], where: str) -> dict[str, Any]:

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from einops import rearrange
 
+from ..diffusion.consistency import guidance_scale_embedding
 from ..diffusion.noise import randn
 from ..diffusion.samplers import cfg_model_fn
 from ..formats import folders
@@ -65,9 +66,15 @@ class TextToVideoSDPipeline(LoraMethods):
         self.default_num_frames: int | None = None  # a training checkpoint: its data's clip size
         self.default_height: int | None = None
         self.default_width: int | None = None
+        self.default_num_inference_steps: int | None = None  # None: 50 (diffusers'); T2V-Turbo-MS: 4
         # Check the text embeddings, every UNet output and step, and the decoded frames for NaN / inf, and name
         # where they appeared (NonFiniteError); one reduction each, False skips them.
         self.check_finite = True
+        # A UNet with a guidance embedding (unet.config.timestep_cond_dim: consistency-distilled models such as
+        # T2V-Turbo-MS) is not guided by two branches: the scale goes in as `timestep_cond`, the embedding of
+        # w = guidance_scale + guidance_embedding_shift. 0 is T2V-Turbo's convention; diffusers' LCM pipelines
+        # embed guidance_scale - 1 (shift -1).
+        self.guidance_embedding_shift = 0.0
 
     # -- loading and saving ---------------------------------------------------------------------------
 
@@ -359,9 +366,14 @@ class TextToVideoSDPipeline(LoraMethods):
             return self.default_guidance_scale
         return 15.0 if video_to_video else 9.0
 
+    @property
+    def embedded_guidance(self) -> bool:
+        """Whether the UNet takes the guidance scale as an embedding (then there is no unconditional branch)."""
+        return self.unet.config.timestep_cond_dim is not None
+
     def _text_conditioning(self, prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, guidance_scale,
                            num_videos_per_prompt, clip_skip):
-        guided = guidance_scale > 1.0
+        guided = guidance_scale > 1.0 and not self.embedded_guidance
         pos, neg = self.encode_prompt(
             prompt, self._execution_device, num_videos_per_prompt, guided, negative_prompt,
             prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds, clip_skip=clip_skip,
@@ -380,12 +392,18 @@ class TextToVideoSDPipeline(LoraMethods):
 
         step = [0]  # the step being computed, for the messages of the finiteness checks
 
+        extra = {}
+        if self.embedded_guidance:  # the scale as the UNet's timestep_cond, one branch (see __init__)
+            w = torch.full((context.shape[0],), float(guidance_scale) + self.guidance_embedding_shift)
+            cond = guidance_scale_embedding(w, unet.config.timestep_cond_dim)  # b d, float32 as the references
+            extra["timestep_cond"] = cond.to(latents.device, context.dtype)
+
         def model_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            out = unet(scale_in(x, t), t, encoder_hidden_states=context)  # b c f h w (2b when guided)
+            out = unet(scale_in(x, t), t, encoder_hidden_states=context, **extra)  # b c f h w (2b when guided)
             self._require_finite(out, f"the UNet's output at step {step[0]} (t={int(t)})")
             return out
 
-        if guidance_scale > 1.0:  # the context holds the unconditional branch first (_text_conditioning)
+        if guidance_scale > 1.0 and not self.embedded_guidance:  # the context holds the unconditional branch first
             model_fn = cfg_model_fn(model_fn, guidance_scale)
 
         bar = tqdm(total=len(timesteps), **{"desc": "denoising", **self._progress})
@@ -454,7 +472,7 @@ class TextToVideoSDPipeline(LoraMethods):
         height: int | None = None,
         width: int | None = None,
         num_frames: int | None = None,
-        num_inference_steps: int = 50,
+        num_inference_steps: int | None = None,
         guidance_scale: float | None = None,
         negative_prompt: str | list[str] | None = None,
         eta: float = 0.0,
@@ -475,10 +493,11 @@ class TextToVideoSDPipeline(LoraMethods):
         video=None,
         strength: float = 0.6,
     ):
-        """Generate videos (diffusers 0.42's arguments and defaults: 16 frames, guidance_scale 9.0; the last
-        six are additions). Passing `video=` runs video-to-video (SDEdit, `strength` of the schedule) whatever
-        the folder's model_index.json names; guidance then defaults to 15.0, as in diffusers'
-        VideoToVideoSDPipeline, and the size is the video's. A model whose model_index.json carries
+        """Generate videos (diffusers 0.42's arguments and defaults: 16 frames, 50 steps, guidance_scale 9.0;
+        the last six are additions; a model's generation defaults in model_index.json replace diffusers').
+        Passing `video=` runs video-to-video (SDEdit, `strength` of the schedule) whatever the folder's
+        model_index.json names; guidance then defaults to 15.0, as in diffusers' VideoToVideoSDPipeline, and
+        the size is the video's. A model whose model_index.json carries
         `default_guidance_scale` (the bundled shapes model) uses that instead of either default when
         `guidance_scale` is not given.
 
@@ -488,6 +507,11 @@ class TextToVideoSDPipeline(LoraMethods):
         """
         video_to_video = video is not None or self.video_to_video
         guidance_scale = self.resolve_guidance_scale(guidance_scale, video_to_video=video_to_video)
+        if num_inference_steps is None:
+            num_inference_steps = self.default_num_inference_steps or 50
+        if self.embedded_guidance and (negative_prompt is not None or negative_prompt_embeds is not None):
+            raise ValueError("negative_prompt / negative_prompt_embeds: this UNet embeds the guidance scale "
+                             "(unet.config.timestep_cond_dim) and runs no unconditional branch to put them in")
         batch = check_call(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, num_inference_steps,
                            guidance_scale, output_type, callback_steps, num_videos_per_prompt, decode_chunk_size,
                            text_width=self.unet.config.cross_attention_dim)
@@ -572,7 +596,7 @@ class VideoToVideoSDPipeline(TextToVideoSDPipeline):
 
     @torch.no_grad()
     def __call__(self, prompt: str | list[str] | None = None, video=None, strength: float = 0.6,
-                 num_inference_steps: int = 50, guidance_scale: float | None = None, **kwargs):
+                 num_inference_steps: int | None = None, guidance_scale: float | None = None, **kwargs):
         """Video-to-video with diffusers 0.42's arguments and defaults (strength 0.6, guidance 15, or the
         model's `default_guidance_scale`); the other arguments are TextToVideoSDPipeline's, less the size."""
         return self._generate(prompt, video=video, strength=strength, num_inference_steps=num_inference_steps,
@@ -587,7 +611,9 @@ class DiffusionPipeline:
     def from_pretrained(cls, path_or_repo_id, **kwargs):
         folder = resolve(path_or_repo_id, revision=kwargs.get("revision"), variant=kwargs.get("variant"))
         name = folders.pipeline_class_name(folder, detect_layout(folder))
-        classes = {c.__name__: c for c in (TextToVideoSDPipeline, VideoToVideoSDPipeline)}
+        from .t2v_turbo import T2VTurboMSPipeline
+
+        classes = {c.__name__: c for c in (TextToVideoSDPipeline, VideoToVideoSDPipeline, T2VTurboMSPipeline)}
         if name not in classes:
             raise ValueError(f"{path_or_repo_id}: unsupported pipeline class {name!r} (supported: {sorted(classes)})")
         return classes[name].from_pretrained(folder, **kwargs)
