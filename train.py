@@ -53,6 +53,9 @@ def main(cfg) -> None:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
     if int(os.environ.get("RANK", "0")) == 0:  # one line from a torchrun job
+        if config.trainer.lora.rank is not None:  # a LoRA folder: how to use it, on stderr (stdout is the path)
+            print(f"sample with: python sample.py model={config.model.name_or_path} lora={last} prompt=...",
+                  file=sys.stderr)
         print(last)
 
 

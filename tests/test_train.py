@@ -307,8 +307,9 @@ dist.init_process_group("gloo")  # train() joins a process group it finds (and l
 from test_train import BASE, compose_cfg
 from modelscope_t2v.training import train
 
-for parallel, run in (("ddp", sys.argv[1]), ("fsdp", sys.argv[2])):
-    train(compose_cfg(BASE + ["trainer.max_steps=3", "trainer.grad_accum=2", f"trainer.parallel={{parallel}}",
+for extra, run in ((["trainer.parallel=ddp"], sys.argv[1]), (["trainer.parallel=fsdp"], sys.argv[2]),
+                   (["trainer.parallel=auto", "trainer.lora.rank=4"], sys.argv[3])):  # auto: DDP for a LoRA
+    train(compose_cfg(BASE + ["trainer.max_steps=3", "trainer.grad_accum=2", *extra,
                               "trainer.checkpoint_every=0", f"run_dir={{run}}"]))
 dist.destroy_process_group()
 """
@@ -316,13 +317,14 @@ dist.destroy_process_group()
 
 def test_two_processes_on_gloo_ddp_and_fsdp_agree(tmp_path):
     """torchrun, 2 CPU processes, a DDP run then an FSDP2 run: they train the same thing (same per-rank
-    data and seeds; only the reduction order differs), rank 0 logs, checkpoints hold whole tensors.
-    (One launch for both runs: process start-up is most of the cost on a CPU.)"""
+    data and seeds; only the reduction order differs), rank 0 logs, checkpoints hold whole tensors; then a
+    LoRA run under DDP. (One launch for all runs: process start-up is most of the cost on a CPU.)"""
     script = tmp_path / "two_runs.py"
     script.write_text(_TWO_RUNS.format(root=str(ROOT), tests=str(ROOT / "tests")))
     runs = {"ddp": tmp_path / "ddp", "fsdp": tmp_path / "fsdp"}
+    lora_run = tmp_path / "lora"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
-           str(runs["ddp"]), str(runs["fsdp"])]
+           str(runs["ddp"]), str(runs["fsdp"]), str(lora_run)]
     out = subprocess.run(cmd, cwd=ROOT, env=cli_env(), capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     for run in runs.values():
@@ -339,6 +341,13 @@ def test_two_processes_on_gloo_ddp_and_fsdp_agree(tmp_path):
     a = TextToVideoSDPipeline.from_pretrained(runs["ddp"] / "checkpoints" / "last" / "raw").unet.state_dict()
     b = TextToVideoSDPipeline.from_pretrained(runs["fsdp"] / "checkpoints" / "last" / "raw").unet.state_dict()
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-4
+    # the LoRA run (DDP: train() checked that both ranks ended with the same adapter) saved the adapter only
+    last = lora_run / "checkpoints" / "last"
+    assert [r["step"] for r in metrics(lora_run)] == [1, 2, 3]
+    assert sorted(p.name for p in last.iterdir()) == ["lora_run.json", "pytorch_lora_weights.safetensors", "raw",
+                                                      "training_state"]
+    opt = load_file(str(last / "training_state" / "optimizer.safetensors"))
+    assert opt and all(".lora_A.default." in k or ".lora_B.default." in k for k in opt)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -8,6 +8,7 @@
     validation.py    metrics.jsonl / tensorboard, the fixed eval batches, validation videos
     distributed.py   processes, devices, precision, DDP / FSDP2
     ema.py           the exponential moving average of the trained weights
+    lora.py          LoRA runs (trainer.lora.rank): the adapter attached, checkpointed as a LoRA folder, resumed
 """
 
 from .config import (

@@ -17,6 +17,7 @@ from ..diffusion.losses import TIMESTEP_BIAS_STRATEGIES, timestep_weights
 from ..diffusion.samplers import check_guidance_scale
 from ..formats.unet_layout import unet_config_to_diffusers
 from ..models import UNET_PRESETS, UNetConfig, VAEConfig
+from .lora import LoraTrainConfig, check_preservation, lora_spec
 from .objectives import OBJECTIVES
 
 @dataclass
@@ -80,6 +81,9 @@ class TrainerConfig:
     # no text cache). Why: a frozen encoder whose embeddings barely carry a word leaves the UNet nothing
     # to read it from (docs/shapes_model.md, stage 6)
     train_text_encoder: bool = False
+    # target unet: train a LoRA of the UNet instead of its weights (trainer.lora.rank=16; training/lora.py);
+    # only the adapter is trained, averaged, checkpointed and resumed
+    lora: LoraTrainConfig = field(default_factory=LoraTrainConfig)
     # which timesteps a sample is trained at: "none" draws t uniformly; "later" / "earlier" multiply the
     # probability of the last / first `timestep_bias_portion` of the timesteps by `timestep_bias_multiplier`;
     # "range" that of [timestep_bias_begin, timestep_bias_end). (The names of diffusers' SDXL training
@@ -191,6 +195,23 @@ def check_config(cfg: TrainConfig) -> None:
             check_guidance_scale(tc.validation.guidance_scale, "trainer.validation.guidance_scale")
         except ValueError as e:
             raise ConfigError(f"{e} (or null: the model's default)") from None
+    try:
+        spec = lora_spec(tc.lora)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    refused = check_preservation(tc.lora)
+    if refused:
+        raise ConfigError(refused)
+    if spec is not None:
+        if tc.target != "unet":
+            raise ConfigError(f"trainer.lora.rank is set, but a LoRA adapts the UNet: needs trainer.target=unet, "
+                              f"got {tc.target!r}")
+        if tc.train_text_encoder:
+            raise ConfigError("trainer.lora.rank with trainer.train_text_encoder=true: a LoRA trains the UNet's "
+                              "adapter only; set one of them")
+        if tc.parallel == "fsdp":
+            raise ConfigError("trainer.lora.rank with trainer.parallel=fsdp: a LoRA's few parameters train under "
+                              "DDP (trainer.parallel=ddp or auto)")
     refused = OBJECTIVES[tc.target].refuses(cfg)  # what this target's objective cannot run with
     if refused:
         raise ConfigError(refused)

@@ -114,7 +114,9 @@ def wrap(module: nn.Module, parallel: str, procs: Processes) -> tuple[nn.Module,
     if procs.world_size == 1:
         return module, None
     if parallel == "auto":
-        parallel = "fsdp" if sum(p.numel() for p in module.parameters()) >= FSDP_MIN_PARAMETERS else "ddp"
+        # by what is trained: a LoRA of a 1.7B model has a few million parameters and trains under DDP
+        trained = sum(p.numel() for p in module.parameters() if p.requires_grad)
+        parallel = "fsdp" if trained >= FSDP_MIN_PARAMETERS else "ddp"
     if parallel == "fsdp":
         _shard(module)
         return module, "fsdp"

@@ -46,6 +46,7 @@ from ..formats.folders import COMPONENTS, instantiate, load_component
 from ..pipelines import TextToVideoSDPipeline
 from . import checkpoints as ckpt
 from . import distributed
+from . import lora as lora_run
 from .config import ConfigError, NonFiniteLossError, TrainConfig, check_config, config_to_dict, flatten_config, lr_at
 from .ema import EMA, full_tensor
 from .objectives import OBJECTIVES, join_state, split_state, trained_module
@@ -74,6 +75,7 @@ class Trainer:
         self.cfg, self.tc = cfg, cfg.trainer
         self.objective_class = OBJECTIVES[self.tc.target]
         self.components = self.objective_class.trained_components(self.tc)
+        self.lora = lora_run.lora_spec(self.tc.lora)  # None: the components' weights are trained
         self.procs = distributed.setup(self.tc.device)
         stamp = datetime.datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
         run_dir = self.procs.broadcast(cfg.run_dir or str(Path("outputs/train") / stamp))
@@ -132,7 +134,9 @@ class Trainer:
 
     def _start_pipeline(self, state: dict) -> tuple[TextToVideoSDPipeline, dict | None]:
         """(the pipeline, the EMA weights to resume or None): a fresh start or the checkpoint resumed."""
-        if self.resume_from is None:
+        if self.resume_from is None or self.lora is not None:  # a LoRA run resumes on its base, rebuilt
+            if self.lora is not None and self.resume_from is not None:
+                log.info("resuming %s from %s (step %d)", self.run_dir, self.resume_from.name, state["step"])
             return build_pipeline(self.cfg.model, self.cfg.seed), None
         # the folder shows the EMA weights (if the run keeps an EMA); raw/ holds the raw ones, trained on
         pipe = TextToVideoSDPipeline.from_pretrained(self.resume_from)
@@ -167,6 +171,13 @@ class Trainer:
 
         # the trained module: float32 master weights, wrapped for several processes
         module = trained_module(pipe, self.components).to(procs.device, torch.float32).train().requires_grad_(True)
+        if self.lora is not None:  # only the adapter trains
+            targets = lora_run.attach(pipe.unet, self.lora)
+            module.to(procs.device, torch.float32)
+            log.info("LoRA rank %d on %d modules (%s): %d trainable parameters", self.lora.rank, len(targets),
+                     self.lora.target, sum(p.numel() for p in module.parameters() if p.requires_grad))
+            if self.resume_from is not None:
+                ema_weights = lora_run.restore(self.resume_from, pipe.unet, ema=bool(state.get("ema")))
         self.module = module
         if tc.gradient_checkpointing:
             if hasattr(module, "enable_gradient_checkpointing"):
@@ -295,20 +306,31 @@ class Trainer:
         """Checkpoint the current step (collective: every rank gathers, rank 0 writes)."""
         path = None
         if self.procs.main or self.parallel == "fsdp":  # gathering shards is a collective
-            raw = {k: full_tensor(v).detach().cpu() for k, v in self.module.state_dict().items()}
+            if self.lora is not None:  # the adapter only
+                named = dict(self.module.named_parameters())
+                raw = {k: named[k].detach().cpu().clone() for k in self.param_names}
+            else:
+                raw = {k: full_tensor(v).detach().cpu() for k, v in self.module.state_dict().items()}
             ema = self.ema.full_state_dict() if self.ema is not None else None
             optimizer = ckpt.optimizer_full_state(self.optimizer, self.param_names)
         if self.procs.main:
-            # what the folder shows: the EMA weights over the raw state (buffers are not averaged)
-            shown_parts = split_state({**raw, **ema} if ema is not None else raw, self.components)
-            shown = {name: instantiate(COMPONENTS[name].build, getattr(self.pipe, name).config, part, None)
-                     for name, part in shown_parts.items()}
-            self.objective.prepare_checkpoint(shown, self._eval_data)
             trainer_state = {
                 "step": self.step, "counters": self.counters, "ema": ema is not None,
                 "world_size": self.procs.world_size, "target": self.tc.target, "config": config_to_dict(self.cfg),
                 "time": time.time(),
             }
+            if self.lora is not None:
+                path = ckpt.write_step_checkpoint(self.ckpt_root, self.step, lambda folder: lora_run.write_checkpoint(
+                    folder, unet=self.pipe.unet, shown=ema if ema is not None else raw,
+                    raw=raw if ema is not None else None, base=self.cfg.model.name_or_path, spec=self.lora,
+                    optimizer=optimizer, scaler=self.scaler.state_dict() if self.scaler.is_enabled() else None,
+                    trainer_state=trainer_state), fsync=self.tc.fsync_checkpoints)
+                return self._published(path)
+            # what the folder shows: the EMA weights over the raw state (buffers are not averaged)
+            shown_parts = split_state({**raw, **ema} if ema is not None else raw, self.components)
+            shown = {name: instantiate(COMPONENTS[name].build, getattr(self.pipe, name).config, part, None)
+                     for name, part in shown_parts.items()}
+            self.objective.prepare_checkpoint(shown, self._eval_data)
             previous = self.last_saved if self.last_saved is not None and self.last_saved.is_dir() else None
 
             def write(folder: Path) -> None:
@@ -319,6 +341,10 @@ class Trainer:
                     trainer_state=trainer_state)
 
             path = ckpt.write_step_checkpoint(self.ckpt_root, self.step, write, fsync=self.tc.fsync_checkpoints)
+        return self._published(path)
+
+    def _published(self, path: Path | None) -> Path:
+        if self.procs.main:
             ckpt.prune(self.ckpt_root, self.tc.keep_checkpoints)
             log.info("saved %s", path)
         self.procs.barrier()

@@ -29,11 +29,13 @@ from ..diffusion.losses import (
     draw_timesteps,
     timestep_weights,
 )
+from .. import lora
 from ..diffusion.schedule import add_noise
 from ..models import UNET_PRESETS
 from ..models.vae import DiagonalGaussian
 from ..pipelines import TextToVideoSDPipeline
 from ..video_io import frames_to_uint8
+from . import lora as lora_run
 from .distributed import autocast
 
 if TYPE_CHECKING:
@@ -247,7 +249,7 @@ class DiffusionObjective(Objective):
 
     def loss(self, model, batch, gens):
         tc, (cpu, dev) = self.tc, gens
-        captions = list(batch["captions"])
+        captions = original = list(batch["captions"])
         if tc.caption_dropout > 0:
             drop = torch.rand(len(captions), generator=cpu) < tc.caption_dropout
             captions = ["" if d else c for c, d in zip(captions, drop.tolist())]
@@ -261,9 +263,25 @@ class DiffusionObjective(Objective):
         timesteps = draw_timesteps(latents.shape[0], len(ac), cpu, self.timestep_weights).to(self.device)  # b
         noisy = add_noise(latents, noise, ac, timesteps)  # b c f h w
         target = diffusion_target(latents, noise, ac, timesteps, tc.prediction_type)  # b c f h w
+        prior = lora_run.preserved(tc.lora, original, captions)
+        if prior is not None and any(prior):  # those samples' target: the base model's own prediction
+            idx = torch.tensor(prior, device=self.device)
+            bare = getattr(model, "module", model)  # past DDP: this forward is one rank's, not a collective
+            bare.eval()  # the base model's prediction itself: no dropout
+            try:
+                with torch.no_grad(), lora.scaled(self.pipe.unet, 0.0), autocast(self.device, self.amp):
+                    teacher = bare(noisy[idx], timesteps[idx], text[idx])  # p c f h w, the adapter off
+            finally:
+                bare.train()
+            target = target.clone()
+            target[idx] = teacher.to(target.dtype)
         with autocast(self.device, self.amp):
             pred = model(noisy, timesteps, text)  # b c f h w
-        return diffusion_loss(pred, target)
+        if prior is None:
+            return diffusion_loss(pred, target)
+        weights = torch.tensor([tc.lora.prior_loss_weight if p else 1.0 for p in prior], device=self.device)
+        per_sample = (pred.float() - target.float()).pow(2).flatten(1).mean(1)  # b
+        return (weights * per_sample).mean()
 
     @torch.no_grad()
     def eval_loss(self, model, batches):
