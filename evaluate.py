@@ -7,6 +7,7 @@ setting's error against a many-step reference from the same noise.
     python evaluate.py --model runs/shapes-unet/checkpoints/last --pairs 84 --settings ddim:50 dpm++2m:25
     python evaluate.py --settings ddim:50 --reference none --out results.json --videos eval_videos/
     python evaluate.py --probe 16 --settings none            # only: which caption words does the model read?
+    python evaluate.py --prompts still --lora shapes-still    # the bundled shapes LoRA (docs/lora.md)
 
 A setting is SAMPLER:STEPS[:SPACING] (samplers as in sample.py: ddim, dpm++2m, dpm++2m-sde, dpm++3m;
 spacing leading | linspace | trailing, default the checkpoint's own). Pair i is
@@ -71,6 +72,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reference-pairs", type=int, default=12, help="pairs the reference is run for (default 12)")
     p.add_argument("--probe", type=int, default=0, metavar="N",
                    help="also run the caption probe on N held-out clips (default 0: no probe)")
+    p.add_argument("--prompts", choices=("moving", "still"), default="moving",
+                   help="moving: the 84 prompts 'a {colour} {shape} moving {direction}' (default); still: the 21 "
+                        "'a {colour} {shape} standing still' (the shapes LoRA's concept, docs/lora.md)")
+    p.add_argument("--lora", nargs="+", default=[], metavar="PATH",
+                   help="LoRA(s) to load into the model first (files, folders or hub ids, as sample.py lora=)")
+    p.add_argument("--lora-scale", nargs="+", type=float, default=None, metavar="S",
+                   help="each LoRA's weight (one, or one per LoRA; default 1)")
     p.add_argument("--batch-size", type=int, default=12)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
@@ -93,10 +101,22 @@ def run(args: argparse.Namespace) -> dict:
     reference = None if args.reference == "none" or not settings else parse_setting(args.reference)
     if args.threads:
         torch.set_num_threads(args.threads)
+    scales = args.lora_scale or [1.0]
+    if args.lora and len(scales) not in (1, len(args.lora)):
+        raise ValueError(f"--lora-scale: {len(scales)} weights for {len(args.lora)} LoRA(s); give one, or one per LoRA")
+    from modelscope_t2v.formats.locate import bundled_lora_path
+
+    for ref in args.lora:
+        if not Path(ref).exists() and ref.count("/") != 1 and bundled_lora_path(ref) is None:
+            raise ValueError(f"--lora {ref!r}: no such file or folder, not a bundled LoRA, and not a hub id (org/name)")
     pipe = TextToVideoSDPipeline.from_pretrained(args.model)
     pipe.set_progress_bar_config(disable=True)
+    if args.lora:
+        names = [pipe.load_lora_weights(ref, adapter_name=f"lora{i}") for i, ref in enumerate(args.lora)]
+        pipe.set_adapters(names, scales * len(names) if len(scales) == 1 else scales)
     released = dict(pipe.scheduler.config)
-    pairs = se.prompt_seed_pairs(args.pairs, args.seed0)
+    directions = (se.STILL,) if args.prompts == "still" else se.DIRECTIONS
+    pairs = se.prompt_seed_pairs(args.pairs, args.seed0, directions)
     prompts = [p for p, _ in pairs]
 
     def videos(setting, subset):
@@ -105,7 +125,8 @@ def run(args: argparse.Namespace) -> dict:
                               spacing=spacing, batch_size=args.batch_size)
 
     guidance = pipe.resolve_guidance_scale(args.guidance)
-    result = {"model": str(args.model), "pairs": args.pairs, "guidance": guidance,
+    result = {"model": str(args.model), "lora": list(args.lora), "lora_scale": scales if args.lora else None,
+              "prompts": args.prompts, "pairs": args.pairs, "guidance": guidance,
               "reference": args.reference, "reference_pairs": args.reference_pairs if reference else 0,
               "settings": []}
     ref_videos = None
@@ -175,7 +196,9 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"{result['model']}: {result['pairs']} prompt/seed pairs, guidance {result['guidance']}")
+    lora = f" + LoRA {', '.join(result['lora'])}" if result["lora"] else ""
+    print(f"{result['model']}{lora}: {result['pairs']} prompt/seed pairs ({result['prompts']}), guidance "
+          f"{result['guidance']}")
     if result["settings"]:
         print(table(result))
     if "probe" in result:

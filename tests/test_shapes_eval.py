@@ -31,6 +31,29 @@ def test_every_rendered_clip_of_the_grammar_reads_back_correctly():
             assert (as_uint8.color, as_uint8.shape, as_uint8.direction) == (reading.color, reading.shape, reading.direction)
 
 
+def test_standing_still_renders_reads_back_and_is_drawn_only_when_asked():
+    """The LoRA's concept (docs/lora.md): "a {color} {shape} standing still", an object that does not move."""
+    from modelscope_t2v.data import ShapesDataset, shapes_caption
+
+    prompts = se.grammar_prompts((se.STILL,))
+    assert len(prompts) == 21 and prompts[0] == "a red circle standing still"
+    for i, prompt in enumerate(prompts):
+        assert parse_shapes_caption(prompt)[2] == se.STILL and shapes_caption(*parse_shapes_caption(prompt)) == prompt
+        reading = se.read_video(frames_of(render_shape_clip(*parse_shapes_caption(prompt), seed=i)))
+        assert reading.direction == "static" and se.score(prompt, reading)["all"], (prompt, reading)
+    moving = se.read_video(frames_of(render_shape_clip("red", "circle", "left", seed=0)))
+    assert not se.score("a red circle standing still", moving)["direction"]
+    assert all(parse_shapes_caption(ShapesDataset(200)[i]["caption"])[2] in DIRECTIONS for i in range(200))
+    mixed = [ShapesDataset(200, directions=("still", "left"))[i]["caption"] for i in range(200)]
+    assert 60 < sum(c.endswith("standing still") for c in mixed) < 140
+    assert [ShapesDataset(20, seed=3)[i]["caption"] for i in range(20)] == \
+        [ShapesDataset(20, seed=3, directions=DIRECTIONS)[i]["caption"] for i in range(20)]  # the default is unchanged
+    with pytest.raises(ValueError, match="direction"):
+        ShapesDataset(10, directions=("sideways",))
+    with pytest.raises(ValueError, match="not a shapes caption"):
+        parse_shapes_caption("a red circle moving still")
+
+
 def test_fills_are_far_from_the_decision_bounds():
     fills = {"circle": [], "square": [], "triangle": []}
     for seed in range(40):
@@ -94,6 +117,10 @@ def test_evaluate_script_rejects_bad_arguments_before_loading_anything():
     assert bad.returncode == 2 and "README.md/results.json cannot be written" in bad.stderr
     bad = run("--videos", "README.md/videos")
     assert bad.returncode == 2 and "cannot be written" in bad.stderr
+    bad = run("--lora", "no/such/lora.safetensors")
+    assert bad.returncode == 2 and "no such file" in bad.stderr
+    bad = run("--lora", "README.md", "--lora-scale", "1", "2")
+    assert bad.returncode == 2 and "2 weights for 1 LoRA" in bad.stderr
 
 
 def test_probe_captions_swap_exactly_one_word():

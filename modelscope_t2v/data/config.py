@@ -8,7 +8,7 @@ ambiguous; `mixed` holds two whole source configs.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
-from typing import Any, Mapping, Optional
+from typing import Any, List, Mapping, Optional
 
 KINDS = ("shapes", "webvid", "images", "webdataset", "mixed")
 SOURCE_KINDS = KINDS[:-1]
@@ -36,6 +36,9 @@ class SourceConfig:
     shapes_length: int = 100_000  # virtual epoch size; sample i is a pure function of (shapes_seed, i)
     shapes_seed: int = 0  # which virtual data set (independent of the loader's shuffling seed)
     shapes_antialias: bool = True  # 1-pixel antialiased edges (interior pixels stay pure colour)
+    # the directions drawn, uniformly (a word listed twice comes twice as often): left, right, up, down, and
+    # still ("a {color} {shape} standing still", the LoRA's concept: docs/lora.md); null: the four motions
+    shapes_directions: Optional[List[str]] = None
     # webvid: a CSV plus a folder of videos
     csv: str = "data/webvid/results_2M_val.csv"
     video_root: str = "data/webvid/videos"
@@ -129,6 +132,13 @@ def _check_source(src: SourceConfig, where: str) -> None:
         raise ValueError(f"{where}.shapes_length must be >= 1, got {src.shapes_length}")
     if src.kind == "shapes" and int(src.shapes_seed) < 0:
         raise ValueError(f"{where}.shapes_seed must be >= 0, got {src.shapes_seed}")
+    if src.kind == "shapes" and src.shapes_directions is not None:
+        from .shapes import MOTIONS
+
+        bad = [d for d in src.shapes_directions if d not in MOTIONS]
+        if not src.shapes_directions or bad:
+            raise ValueError(f"{where}.shapes_directions must be a non-empty list of {list(MOTIONS)}, got "
+                             f"{list(src.shapes_directions)}")
     if src.kind == "shapes" and src.shapes_image_start and not src.shapes_image:
         raise ValueError(f"{where}.shapes_image_start=true needs {where}.shapes_image=true (images of clip starts)")
     if src.kind == "webdataset":

@@ -21,6 +21,10 @@ from .decode import uint8_to_float
 COLORS: tuple[str, ...] = ("red", "green", "blue", "yellow", "cyan", "magenta", "white")
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle")
 DIRECTIONS: tuple[str, ...] = ("left", "right", "up", "down")
+# A motion the bundled model never saw, and its LoRA teaches (docs/lora.md): "a {color} {shape} standing
+# still", the object where it is in every frame. Not drawn unless a data config asks for it (shapes_directions).
+STILL = "still"
+MOTIONS: tuple[str, ...] = DIRECTIONS + (STILL,)  # every direction word of the grammar
 COLOR_RGB: dict[str, tuple[int, int, int]] = {
     "red": (255, 0, 0),
     "green": (0, 255, 0),
@@ -35,7 +39,7 @@ DIRECTION_VECTORS: dict[str, tuple[int, int]] = {"left": (-1, 0), "right": (1, 0
 SHAPE_EXTENT = (0.22, 0.28)  # object width as a fraction of min(height, width): about a quarter
 SHAPE_TRAVEL_MIN = 0.36  # the least distance travelled over a clip, as a fraction of the frame (> 1/3)
 
-_CAPTION_RE = re.compile(r"^a (\w+) (\w+)(?: moving (\w+))?$")
+_CAPTION_RE = re.compile(r"^a (\w+) (\w+)(?: moving (\w+)| standing (still))?$")
 
 
 def _check_choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
@@ -44,25 +48,28 @@ def _check_choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
 
 
 def shapes_caption(color: str, shape: str, direction: str | None = None) -> str:
-    """"a {color} {shape} moving {direction}", or "a {color} {shape}" for the image variant."""
+    """"a {color} {shape} moving {direction}" ("... standing still" for STILL), or "a {color} {shape}" for
+    the image variant."""
     _check_choice("color", color, COLORS)
     _check_choice("shape", shape, SHAPES)
     if direction is None:
         return f"a {color} {shape}"
-    _check_choice("direction", direction, DIRECTIONS)
-    return f"a {color} {shape} moving {direction}"
+    _check_choice("direction", direction, MOTIONS)
+    return f"a {color} {shape} standing still" if direction == STILL else f"a {color} {shape} moving {direction}"
 
 
 def parse_shapes_caption(caption: str) -> tuple[str, str, str | None]:
-    """(color, shape, direction or None) of a shapes caption; ValueError if it is not one."""
+    """(color, shape, direction or None) of a shapes caption (direction STILL for "standing still");
+    ValueError if it is not one."""
     m = _CAPTION_RE.match(caption.strip())
     if not m or m.group(1) not in COLORS or m.group(2) not in SHAPES or (
         m.group(3) is not None and m.group(3) not in DIRECTIONS
     ):
         raise ValueError(
-            f"caption {caption!r} is not a shapes caption ('a {{color}} {{shape}} [moving {{direction}}]')"
+            f"caption {caption!r} is not a shapes caption ('a {{color}} {{shape}} [moving {{direction}} | "
+            "standing still]')"
         )
-    return m.group(1), m.group(2), m.group(3)
+    return m.group(1), m.group(2), m.group(3) or m.group(4)
 
 
 def _shape_sdf(shape: str, x: np.ndarray, y: np.ndarray, cx: np.ndarray, cy: np.ndarray, extent: float) -> np.ndarray:
@@ -104,7 +111,7 @@ def _render_shape_uint8(
     t = np.linspace(0.0, 1.0, num_frames, dtype=np.float64) if num_frames > 1 else np.zeros(1)
     cx = np.full(num_frames, cx0)
     cy = np.full(num_frames, cy0)
-    if direction is not None:
+    if direction is not None and direction != STILL:
         ddx, ddy = DIRECTION_VECTORS[direction]
         axis = width if ddx else height
         travel = float(rng.uniform(SHAPE_TRAVEL_MIN * axis, axis - extent))
@@ -147,7 +154,7 @@ def render_shape_clip(
     _check_choice("color", color, COLORS)
     _check_choice("shape", shape, SHAPES)
     if direction is not None:
-        _check_choice("direction", direction, DIRECTIONS)
+        _check_choice("direction", direction, MOTIONS)
     height = size if height is None else height
     width = size if width is None else width
     for name, v in (("num_frames", num_frames), ("height", height), ("width", width)):
@@ -166,7 +173,8 @@ def render_shape_clip(
 class ShapesDataset(torch.utils.data.Dataset):
     """Procedural shapes, no files: sample i is a pure function of (seed, i) and the geometry.
 
-    Videos: "a {color} {shape} moving {direction}", `num_frames` frames. Image variant (`image=True`):
+    Videos: "a {color} {shape} moving {direction}", `num_frames` frames (`directions` chooses which: with
+    STILL among them, also "a {color} {shape} standing still"). Image variant (`image=True`):
     "a {color} {shape}", one frame; with `image_start=True` the first frame of a moving clip instead,
     captioned with its direction (where an object that moves that way starts). Items: {"pixels": c f h w float in [-1, 1], "caption", "color",
     "shape", "index"} plus "direction" for videos.
@@ -185,6 +193,7 @@ class ShapesDataset(torch.utils.data.Dataset):
         image_start: bool = False,
         seed: int = 0,
         antialias: bool = True,
+        directions: tuple[str, ...] | None = None,
     ):
         if image_start and not image:
             raise ValueError("ShapesDataset image_start=True needs image=True (it makes images of clip starts)")
@@ -196,6 +205,12 @@ class ShapesDataset(torch.utils.data.Dataset):
         self.length, self.height, self.width = int(length), int(height), int(width)
         self.image, self.seed, self.antialias = bool(image), int(seed), bool(antialias)
         self.image_start = bool(image_start)
+        # the directions drawn from, uniformly (a word listed twice is drawn twice as often); None: DIRECTIONS
+        self.directions = DIRECTIONS if directions is None else tuple(directions)
+        if not self.directions:
+            raise ValueError("ShapesDataset directions must not be empty")
+        for d in self.directions:
+            _check_choice("ShapesDataset direction", d, MOTIONS)
         self.num_frames = 1 if self.image else int(num_frames)
         self.media = "image" if self.image else "video"
 
@@ -210,7 +225,7 @@ class ShapesDataset(torch.utils.data.Dataset):
         color = COLORS[int(rng.integers(len(COLORS)))]
         shape = SHAPES[int(rng.integers(len(SHAPES)))]
         moving = not self.image or self.image_start
-        direction = DIRECTIONS[int(rng.integers(len(DIRECTIONS)))] if moving else None
+        direction = self.directions[int(rng.integers(len(self.directions)))] if moving else None
         return {"color": color, "shape": shape, "direction": direction}, rng
 
     def load(self, index: int, rng: np.random.Generator | None = None) -> tuple[Tensor, str, str]:

@@ -279,7 +279,8 @@ def _make_source(src: SourceConfig, geometry: _Geometry, *, batch_size: int, see
     if src.kind == "shapes":
         dataset = ShapesDataset(src.shapes_length, num_frames=g.num_frames, height=g.height, width=g.width,
                                 image=src.shapes_image, image_start=src.shapes_image_start, seed=src.shapes_seed,
-                                antialias=src.shapes_antialias)
+                                antialias=src.shapes_antialias,
+                                directions=None if src.shapes_directions is None else tuple(src.shapes_directions))
     elif src.kind == "webvid":
         dataset = WebVidDataset(src.csv, src.video_root, num_frames=g.num_frames, height=g.height, width=g.width,
                                 frame_stride=g.frame_stride, target_fps=g.target_fps, path_pattern=src.path_pattern,

@@ -23,7 +23,16 @@ from typing import Iterable, Sequence
 import numpy as np
 import torch
 
-from ..data.shapes import COLOR_RGB, COLORS, DIRECTIONS, SHAPES, ShapesDataset, parse_shapes_caption, shapes_caption
+from ..data.shapes import (
+    COLOR_RGB,
+    COLORS,
+    DIRECTIONS,
+    SHAPES,
+    STILL,
+    ShapesDataset,
+    parse_shapes_caption,
+    shapes_caption,
+)
 from ..diffusion.losses import diffusion_loss, diffusion_target
 from ..diffusion.schedule import add_noise
 from ..schedulers import DDIMScheduler, make_sampler
@@ -100,23 +109,24 @@ def score(prompt: str, reading: Reading) -> dict[str, bool]:
     """Per attribute: does the video show what `prompt` ("a {color} {shape} moving {direction}") asks?"""
     color, shape, direction = parse_shapes_caption(prompt)
     out = {"color": reading.color == color, "shape": reading.shape == shape}
-    if direction is not None:
-        out["direction"] = reading.direction == direction
+    if direction is not None:  # "standing still": the reading "static" (a drift under MIN_DRIFT)
+        out["direction"] = reading.direction == ("static" if direction == STILL else direction)
     out["all"] = all(out.values())
     return out
 
 
-def grammar_prompts() -> list[str]:
-    """Every video caption of the grammar (colour x shape x direction): 84 prompts."""
-    return [shapes_caption(c, s, d) for c, s, d in itertools.product(COLORS, SHAPES, DIRECTIONS)]
+def grammar_prompts(directions: Sequence[str] = DIRECTIONS) -> list[str]:
+    """Every video caption of the grammar (colour x shape x direction): 84 prompts; `directions=(STILL,)`:
+    the 21 "standing still" ones (the LoRA's concept, docs/lora.md)."""
+    return [shapes_caption(c, s, d) for c, s, d in itertools.product(COLORS, SHAPES, directions)]
 
 
-def prompt_seed_pairs(n: int, seed0: int = 0) -> list[tuple[str, int]]:
+def prompt_seed_pairs(n: int, seed0: int = 0, directions: Sequence[str] = DIRECTIONS) -> list[tuple[str, int]]:
     """`n` (prompt, seed) pairs: the grammar's prompts in a fixed shuffled order (so any prefix covers
     colours, shapes and directions evenly), cycled, with seeds seed0, seed0 + 1, ..."""
     if n < 1:
         raise ValueError(f"the number of prompt/seed pairs must be >= 1, got {n}")
-    prompts = grammar_prompts()
+    prompts = grammar_prompts(directions)
     order = np.random.default_rng(1234).permutation(len(prompts))
     return [(prompts[order[i % len(prompts)]], seed0 + i) for i in range(n)]
 
