@@ -48,7 +48,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from modelscope_t2v import jobs, schedulers
 from modelscope_t2v.diffusion.samplers import check_guidance_scale
-from modelscope_t2v.formats.locate import bundled_models
+from modelscope_t2v.formats.locate import BUNDLED_LORAS, bundled_lora_path, bundled_models
 from modelscope_t2v.models import UNET_PRESETS
 
 log = logging.getLogger("sample")
@@ -165,8 +165,10 @@ def loras(cfg: SampleConfig) -> list[tuple[str, float]]:
         raise ValueError(f"lora must be a path or hub id, or a list of them: lora=[a.safetensors,b.pt]; got {cfg.lora!r}")
     for r in refs:
         local = Path(r).expanduser()
-        if not local.exists() and not (re.fullmatch(r"[\w.-]+/[\w.-]+", r) and not r.startswith((".", "/", "~"))):
-            raise ValueError(f"lora={r!r}: no such file or folder, and not a hub id (org/name)")
+        hub_id = re.fullmatch(r"[\w.-]+/[\w.-]+", r) and not r.startswith((".", "/", "~"))
+        if not local.exists() and not hub_id and bundled_lora_path(r) is None:
+            raise ValueError(f"lora={r!r}: no such file or folder, not a bundled LoRA {sorted(BUNDLED_LORAS)}, "
+                             "and not a hub id (org/name)")
     scales = cfg.lora_scale if isinstance(cfg.lora_scale, (list, tuple)) else [cfg.lora_scale] * len(refs)
     if len(scales) != len(refs):
         raise ValueError(f"lora_scale: {len(scales)} weights for {len(refs)} LoRA(s); give one, or one per LoRA")
@@ -343,6 +345,10 @@ def _warn_beyond_the_model(cfg: SampleConfig, videos: list[jobs.Video]) -> None:
     if cfg.model not in bundled_models() or Path(cfg.model).is_dir() or bundled_path(cfg.model) is None:
         return
     outside = sorted({v.prompt for v in videos if not _parses(parse_shapes_caption, v.prompt)})
+    still = sorted({v.prompt for v in videos if v.prompt.strip().endswith("standing still")} - set(outside))
+    if still and not loras(cfg):
+        log.warning("model=%s never saw \"standing still\" (%r): the LoRA lora=shapes-still teaches it "
+                    "(docs/lora.md)", cfg.model, still[0])
     if outside:
         log.warning("model=%s knows only prompts \"a {color} {shape} moving {direction}\" (docs/shapes_model.md); "
                     "it was never shown %s", cfg.model, ", ".join(repr(p) for p in outside[:3]) + (" ..." if len(outside) > 3 else ""))

@@ -133,3 +133,37 @@ def test_sample_py_lora(model, tmp_path):
                        ({"lora": str(style), "lora_scale": "high"}, "lora_scale")):
         with pytest.raises(ValueError, match=match):
             sample.generate({**common, "out": str(tmp_path / "x.mp4"), **bad})
+
+
+def test_convert_weights_writes_any_lora_in_diffusers_layout(model, tmp_path):
+    import subprocess
+
+    folder, style = model
+    from modelscope_t2v.formats.lora_layout import read_lora
+    from modelscope_t2v.models import UNET_PRESETS
+
+    # a cloneofsimo list of the same updates, as a .pt: the converter reads it (the model's config says the order)
+    weights, _ = read_lora(style / "pytorch_lora_weights.safetensors", UNET_PRESETS["tiny"])
+    from modelscope_t2v.formats.lora_layout import diffusers_module_order, module_table
+
+    table = module_table(UNET_PRESETS["tiny"], "diffusers")
+    order = diffusers_module_order(UNET_PRESETS["tiny"])
+    tensors = []
+    for name in order:  # the file adapts every module: rank-4 updates where the LoRA has them, 0 elsewhere
+        e = weights[table[name]]
+        tensors += [e.up * (e.alpha / e.rank), e.down]
+    torch.save(tensors, tmp_path / "clone.pt")
+    out = subprocess.run([sys.executable, str(REPO / "convert_weights.py"), str(tmp_path / "clone.pt"),
+                          str(tmp_path / "converted"), "--lora-for", str(folder), "--dtype", "fp16"],
+                         capture_output=True, text=True, env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"})
+    assert out.returncode == 0, out.stderr
+    written = tmp_path / "converted" / "pytorch_lora_weights.safetensors"
+    assert out.stdout.strip() == str(written)
+    a, b = _pipe(folder), _pipe(folder)
+    a.load_lora_weights(style)
+    b.load_lora_weights(written)
+    assert np.abs(_video(a) - _video(b)).max() <= 2e-3  # the fp16 copy
+    again = subprocess.run([sys.executable, str(REPO / "convert_weights.py"), str(tmp_path / "clone.pt"),
+                            str(tmp_path / "converted"), "--lora-for", str(folder)], capture_output=True, text=True,
+                           env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"})
+    assert again.returncode == 2 and "--overwrite" in again.stderr

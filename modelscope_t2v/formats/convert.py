@@ -178,3 +178,33 @@ def convert_checkpoint(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return dst
+
+
+# ---------------------------------------------------------------------------------------------------
+# A LoRA file of any layout -> diffusers' layout (`convert_weights.py --lora-for MODEL`).
+
+
+def convert_lora_file(src, dst, model, *, dtype: str | None = None, overwrite: bool = False) -> Path:
+    """Read the LoRA `src` (a file, a folder or a hub id; any layout of formats.lora_layout) for the UNet of
+    `model` (a folder, bundled model or hub id: its UNet config says which modules exist) and write it in
+    diffusers' layout: `dst` a folder (then `pytorch_lora_weights.safetensors` in it) or a `.safetensors` path."""
+    from .folders import read_unet
+    from .locate import resolve_file
+    from .lora_layout import LORA_WEIGHT_NAME, read_lora, write_diffusers_lora
+    from .unet_layout import unet_config_from_diffusers
+
+    if dtype is not None and dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    folder = resolve(model)
+    layout = detect_layout(folder)
+    config = (unet_config_from_diffusers(read_json(folder / "unet" / "config.json")) if layout == "diffusers"
+              else read_unet(folder, layout)[0])
+    path = resolve_file(src, None, (LORA_WEIGHT_NAME,), (".safetensors", ".pt", ".bin", ".pth"), what="LoRA")
+    target = Path(dst)
+    target = target if target.suffix == ".safetensors" else target / LORA_WEIGHT_NAME
+    if target.exists() and not overwrite:
+        raise FileExistsError(f"{target} exists; pass --overwrite to replace it")
+    if target.resolve() == path.resolve():
+        raise FileExistsError(f"{target} is the source file; write elsewhere")
+    weights, _ = read_lora(path, config)
+    return write_diffusers_lora(target, weights, config, dtype=DTYPES[dtype] if dtype else None)

@@ -48,6 +48,20 @@ def bundled_path(name: str) -> Path | None:
     return path if (path / "model_index.json").is_file() else None
 
 
+# Bundled LoRAs: name -> folder under WEIGHTS_DIR holding pytorch_lora_weights.safetensors. "shapes-still" teaches
+# the shapes model "a {colour} {shape} standing still" (docs/lora.md); `lora=shapes-still` in sample.py.
+BUNDLED_LORAS: dict[str, str] = {"shapes-still": "shapes-still"}
+
+
+def bundled_lora_path(name: str) -> Path | None:
+    """The folder of bundled LoRA `name`, or None (no such LoRA, or not installed)."""
+    folder = BUNDLED_LORAS.get(str(name))
+    if folder is None:
+        return None
+    path = WEIGHTS_DIR / folder
+    return path if (path / "pytorch_lora_weights.safetensors").is_file() else None
+
+
 def bundled_models() -> list[str]:
     """Names of the bundled models present in this installation."""
     return sorted(name for name in BUNDLED if bundled_path(name) is not None)

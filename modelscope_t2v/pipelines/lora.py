@@ -20,7 +20,7 @@ from typing import Mapping, Sequence
 import torch
 
 from .. import lora
-from ..formats.locate import resolve_file
+from ..formats.locate import bundled_lora_path, resolve_file
 from ..formats.lora_layout import LORA_WEIGHT_NAME, convert_lora, read_lora, write_diffusers_lora
 
 _COMPONENTS = ("unet",)
@@ -44,8 +44,9 @@ class LoraMethods:
                           weight_name: str | None = None, adapter_name: str | None = None, *,
                           subfolder: str | None = None, revision: str | None = None) -> str:
         """Load a LoRA (a file, a folder holding `pytorch_lora_weights.safetensors` or one LoRA file, a hub id,
-        or a state dict) into the UNet as adapter `adapter_name` (default `default_<n>`); returns the name.
-        A file that does not fit this UNet raises before anything changes."""
+        a bundled LoRA's name such as "shapes-still", or a state dict) into the UNet as adapter `adapter_name`
+        (default `default_<n>`); returns the name. A file that does not fit this UNet raises before anything
+        changes."""
         name = adapter_name if adapter_name is not None else self._next_adapter_name()
         if name in lora.adapter_names(self.unet):
             raise ValueError(f"an adapter named {name!r} is already loaded; choose another adapter_name "
@@ -56,6 +57,8 @@ class LoraMethods:
         else:
             if not isinstance(source, (str, os.PathLike)):
                 raise TypeError(f"load_lora_weights needs a path, hub id or state dict, got {type(source).__name__}")
+            bundled = bundled_lora_path(str(source)) if not Path(source).expanduser().exists() else None
+            source = bundled if bundled is not None else source  # a bundled LoRA's name (formats.locate)
             path = resolve_file(source, weight_name, (LORA_WEIGHT_NAME,), (".safetensors", ".pt", ".bin", ".pth"),
                                 subfolder=subfolder, revision=revision, what="LoRA")
             weights, _ = read_lora(path, self.unet.config)
