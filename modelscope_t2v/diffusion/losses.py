@@ -68,9 +68,13 @@ def diffusion_target(x0: Tensor, noise: Tensor, alphas_cumprod: Tensor, t: Tenso
     raise ValueError(f"prediction_type must be one of {TRAIN_PREDICTION_TYPES}, got {prediction_type!r}")
 
 
-def diffusion_loss(prediction: Tensor, target: Tensor) -> Tensor:
-    """Mean squared error over every element, in float32."""
-    return F.mse_loss(prediction.float(), target.float())
+def diffusion_loss(prediction: Tensor, target: Tensor, weights: Tensor | None = None) -> Tensor:
+    """Mean squared error over every element, in float32; with `weights` (b), each sample's mean squared
+    error times its weight, averaged over the batch (all weights 1: the plain mean)."""
+    if weights is None:
+        return F.mse_loss(prediction.float(), target.float())
+    per_sample = (prediction.float() - target.float()).pow(2).flatten(1).mean(1)  # b
+    return (weights.float() * per_sample).mean()
 
 
 def autoencoder_loss(recon: Tensor, x: Tensor, kl: Tensor, kl_weight: float, recon_loss: str = "l1") -> Tensor:

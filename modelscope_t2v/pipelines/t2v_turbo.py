@@ -81,10 +81,14 @@ def demo_cond_proj_weight(config: UNetConfig, cond_dim: int = GUIDANCE_EMBEDDING
     return layer((ch0, cond_dim), bias=False)  # time_embedding.cond_proj
 
 
+def _check_cond_proj_init(value: str) -> None:
+    if value not in COND_PROJ_INITS:
+        raise ValueError(f"cond_proj_init must be one of {COND_PROJ_INITS}, got {value!r}")
+
+
 def turbo_unet(base: UNet3D, cond_proj_init: str = "demo", cond_dim: int = GUIDANCE_EMBEDDING_DIM) -> UNet3D:
     """The base UNet with a guidance embedding added (its weights shared in value, copied), in the base's dtype."""
-    if cond_proj_init not in COND_PROJ_INITS:
-        raise ValueError(f"cond_proj_init must be one of {COND_PROJ_INITS}, got {cond_proj_init!r}")
+    _check_cond_proj_init(cond_proj_init)
     if base.config.timestep_cond_dim is not None:
         raise ValueError(f"the base UNet already has a guidance embedding (timestep_cond_dim="
                          f"{base.config.timestep_cond_dim}); T2V-Turbo-MS adapts the plain ModelScope UNet")
@@ -112,24 +116,27 @@ class T2VTurboMSPipeline(TextToVideoSDPipeline):
         local = Path(path_or_repo_id).expanduser()
         if (local / "model_index.json").is_file():  # a saved pipeline folder: nothing to apply
             return super().from_pretrained(local, torch_dtype=torch_dtype, variant=variant, **kwargs)
-        if cond_proj_init not in COND_PROJ_INITS:
-            raise ValueError(f"cond_proj_init must be one of {COND_PROJ_INITS}, got {cond_proj_init!r}")
+        _check_cond_proj_init(cond_proj_init)
         path = resolve_file(path_or_repo_id, weight_name, (TURBO_WEIGHT_NAME,), (".pt", ".safetensors"),
                             revision=revision, what="T2V-Turbo-MS LoRA")
         folder = resolve(base, variant=variant)
+        weights = None
         if detect_layout(folder) == "diffusers":  # the LoRA checked against the base's config before any weight loads
             config = unet_config_from_diffusers(read_json(folder / "unet" / "config.json"))
-            read_lora(path, dataclasses.replace(config, timestep_cond_dim=GUIDANCE_EMBEDDING_DIM))
+            weights, _ = read_lora(path, dataclasses.replace(config, timestep_cond_dim=GUIDANCE_EMBEDDING_DIM))
         base_pipe = TextToVideoSDPipeline.from_pretrained(folder, torch_dtype=torch_dtype, variant=variant, **kwargs)
-        return cls.from_base(base_pipe, path, fuse_lora=fuse_lora, cond_proj_init=cond_proj_init)
+        return cls.from_base(base_pipe, path, fuse_lora=fuse_lora, cond_proj_init=cond_proj_init, _weights=weights)
 
     @classmethod
     def from_base(cls, base_pipe: TextToVideoSDPipeline, lora_file, *, fuse_lora: bool = True,
-                  cond_proj_init: str = "demo") -> "T2VTurboMSPipeline":
+                  cond_proj_init: str = "demo", _weights=None) -> "T2VTurboMSPipeline":
         """`base_pipe`'s components with the turbo UNet (the LoRA of `lora_file` applied) and scheduler; the
-        LoRA is read and checked against the turbo UNet before anything is built from it."""
-        config = dataclasses.replace(base_pipe.unet.config, timestep_cond_dim=GUIDANCE_EMBEDDING_DIM)
-        weights, _ = read_lora(lora_file, config)
+        LoRA is read and checked against the turbo UNet before anything is built from it (`_weights`: already
+        read and checked against the same config by from_pretrained)."""
+        weights = _weights
+        if weights is None:
+            config = dataclasses.replace(base_pipe.unet.config, timestep_cond_dim=GUIDANCE_EMBEDDING_DIM)
+            weights, _ = read_lora(lora_file, config)
         unet = turbo_unet(base_pipe.unet, cond_proj_init)
         lora.load_adapter(unet, "t2v_turbo", weights)
         if fuse_lora:  # as the release's demo: merged, the LoRA layers removed

@@ -371,9 +371,13 @@ class TextToVideoSDPipeline(LoraMethods):
         """Whether the UNet takes the guidance scale as an embedding (then there is no unconditional branch)."""
         return self.unet.config.timestep_cond_dim is not None
 
+    def _two_branches(self, guidance_scale: float) -> bool:
+        """Whether a call runs classifier-free guidance (an unconditional branch beside the prompt's)."""
+        return guidance_scale > 1.0 and not self.embedded_guidance
+
     def _text_conditioning(self, prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, guidance_scale,
                            num_videos_per_prompt, clip_skip):
-        guided = guidance_scale > 1.0 and not self.embedded_guidance
+        guided = self._two_branches(guidance_scale)
         pos, neg = self.encode_prompt(
             prompt, self._execution_device, num_videos_per_prompt, guided, negative_prompt,
             prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds, clip_skip=clip_skip,
@@ -403,7 +407,7 @@ class TextToVideoSDPipeline(LoraMethods):
             self._require_finite(out, f"the UNet's output at step {step[0]} (t={int(t)})")
             return out
 
-        if guidance_scale > 1.0 and not self.embedded_guidance:  # the context holds the unconditional branch first
+        if self._two_branches(guidance_scale):  # the context holds the unconditional branch first
             model_fn = cfg_model_fn(model_fn, guidance_scale)
 
         bar = tqdm(total=len(timesteps), **{"desc": "denoising", **self._progress})

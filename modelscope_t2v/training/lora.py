@@ -142,8 +142,8 @@ def write_checkpoint(folder: Path, *, unet: nn.Module, shown: Mapping[str, Tenso
 def restore(folder: Path, unet: nn.Module, *, ema: bool) -> dict[str, Tensor] | None:
     """Load the raw adapter of step folder `folder` into `unet`'s trained adapter; returns the EMA weights
     by parameter name (None without an EMA)."""
-    run = read_json(folder / RUN_FILE)
-    del run  # its presence says this is a LoRA run's folder; the settings are checked through the config
+    read_json(folder / RUN_FILE)  # an error naming the file if this is not a LoRA run's folder; the settings
+    # themselves are checked through the config on resume
     raw_file = folder / "raw" / LORA_WEIGHT_NAME if ema else folder / LORA_WEIGHT_NAME
     raw, _ = read_lora(raw_file, unet.config)
     params = lora.adapter_parameters(unet, ADAPTER)
@@ -159,6 +159,3 @@ def restore(folder: Path, unet: nn.Module, *, ema: bool) -> dict[str, Tensor] | 
     shown, _ = read_lora(folder / LORA_WEIGHT_NAME, unet.config)
     return _named(shown)
 
-
-def is_lora_checkpoint(folder: Path) -> bool:
-    return (Path(folder) / RUN_FILE).is_file()

@@ -280,8 +280,7 @@ class DiffusionObjective(Objective):
         if prior is None:
             return diffusion_loss(pred, target)
         weights = torch.tensor([tc.lora.prior_loss_weight if p else 1.0 for p in prior], device=self.device)
-        per_sample = (pred.float() - target.float()).pow(2).flatten(1).mean(1)  # b
-        return (weights * per_sample).mean()
+        return diffusion_loss(pred, target, weights)
 
     @torch.no_grad()
     def eval_loss(self, model, batches):
