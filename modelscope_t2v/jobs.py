@@ -22,6 +22,7 @@ from typing import Any, Iterable, Sequence
 from .formats.files import LayoutError, atomic_path, read_json, write_json
 
 MANIFEST = "manifest.jsonl"
+PROMPT_COLUMNS = ("prompt", "caption", "sentence", "name")  # the first one a prompt file has is read
 
 
 @dataclass(frozen=True)
@@ -39,8 +40,11 @@ def slug(text: str, limit: int = 48) -> str:
 
 def read_prompts(path: str | os.PathLike) -> list[tuple[str, int | None, str | None]]:
     """(prompt, seed or None, negative prompt or None) per row of a prompt file: a text file with one prompt a
-    line (blank lines and lines starting with # skipped), or a .csv with a `prompt` column and optional `seed`
-    and `negative_prompt` columns. Errors name the file and the line."""
+    line (blank lines and lines starting with # skipped); a .csv with a `prompt` column (or, as caption sets
+    are distributed, `caption`, `sentence` as in MSR-VTT's MSRVTT_JSFUSION_test.csv, or `name` as in WebVid's
+    CSVs) and optional `seed` and `negative_prompt` columns; or a .json list of prompts, of such rows as
+    objects, or an object with a `sentences` list (MSR-VTT's videodatainfo.json, `caption` each). Errors
+    name the file and the line (or the entry)."""
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"prompts: no such file {str(path)!r}")
@@ -52,22 +56,42 @@ def read_prompts(path: str | os.PathLike) -> list[tuple[str, int | None, str | N
     rows: list[tuple[str, int | None, str | None]] = []
     if path.suffix.lower() == ".csv":
         reader = csv.DictReader(text.splitlines())
-        if "prompt" not in (reader.fieldnames or []):
-            raise ValueError(f"prompts: {path} has no `prompt` column (header: {reader.fieldnames})")
+        column = next((c for c in PROMPT_COLUMNS if c in (reader.fieldnames or [])), None)
+        if column is None:
+            raise ValueError(f"prompts: {path} has no prompt column ({', '.join(PROMPT_COLUMNS)}; header: {reader.fieldnames})")
         for row in reader:
-            where = f"{path}, line {reader.line_num}"
-            prompt = (row.get("prompt") or "").strip()
-            if not prompt:
-                raise ValueError(f"prompts: {where}: empty prompt")
-            seed = (row.get("seed") or "").strip()
-            if seed and not re.fullmatch(r"\d+", seed):
-                raise ValueError(f"prompts: {where}: seed must be an integer >= 0, got {seed!r}")
-            rows.append((prompt, int(seed) if seed else None, (row.get("negative_prompt") or "").strip() or None))
+            rows.append(_prompt_row(row, column, f"{path}, line {reader.line_num}"))
+    elif path.suffix.lower() == ".json":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"prompts: {path} is not valid JSON ({e})") from None
+        entries = data.get("sentences") if isinstance(data, dict) else data
+        if not isinstance(entries, list):
+            raise ValueError(f"prompts: {path} must hold a JSON list of prompts (or an object with a `sentences` list)")
+        for i, entry in enumerate(entries):
+            where = f"{path}, entry {i}"
+            if isinstance(entry, str):
+                entry = {"prompt": entry}
+            column = next((c for c in PROMPT_COLUMNS if isinstance(entry, dict) and c in entry), None)
+            if column is None:
+                raise ValueError(f"prompts: {where}: expected a string or an object with one of {', '.join(PROMPT_COLUMNS)}")
+            rows.append(_prompt_row({k: "" if v is None else str(v) for k, v in entry.items()}, column, where))
     else:
         rows = [(line.strip(), None, None) for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
     if not rows:
         raise ValueError(f"prompts: {path} holds no prompt")
     return rows
+
+
+def _prompt_row(row: dict[str, str], column: str, where: str) -> tuple[str, int | None, str | None]:
+    prompt = (row.get(column) or "").strip()
+    if not prompt:
+        raise ValueError(f"prompts: {where}: empty prompt")
+    seed = (row.get("seed") or "").strip()
+    if seed and not re.fullmatch(r"\d+", seed):
+        raise ValueError(f"prompts: {where}: seed must be an integer >= 0, got {seed!r}")
+    return prompt, int(seed) if seed else None, (row.get("negative_prompt") or "").strip() or None
 
 
 def video_list(rows: Iterable[tuple[str, int | None, str | None]], seed: int, per_prompt: int,

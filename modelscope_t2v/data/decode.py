@@ -129,6 +129,22 @@ def read_video_frames(
         raise VideoTooShortError(f"the stream ended at frame {last + 1} of {n} announced")
 
 
+def read_all_frames(path: str | os.PathLike, max_frames: int | None = None) -> np.ndarray:
+    """Every frame of a video file (or the first `max_frames`), `f h w c` uint8 RGB, decoded in order with
+    PyAV; a GIF too. VideoReadError for a file without a video stream or frames."""
+    frames: list[np.ndarray] = []
+    with av.open(os.fspath(path), mode="r", metadata_errors="ignore") as container:
+        if not container.streams.video:
+            raise VideoReadError("no video stream")
+        for frame in container.decode(container.streams.video[0]):
+            frames.append(frame.to_ndarray(format="rgb24"))
+            if max_frames is not None and len(frames) >= max_frames:
+                break
+    if not frames:
+        raise VideoReadError("no frames")
+    return np.stack(frames)
+
+
 def save_video_frames(
     path: str | os.PathLike, frames_uint8_fhwc: Tensor | np.ndarray, fps: float, *, codec: str = "libx264"
 ) -> None:
