@@ -368,3 +368,14 @@ def test_torchrun_shards_the_scoring_and_rank_0_writes_the_same_results(metric_w
     assert b["fvd"]["value"] == pytest.approx(a["fvd"]["value"], rel=1e-6)
     assert b["clipsim"]["mean"] == pytest.approx(a["clipsim"]["mean"], abs=1e-6)
     assert r.stdout.count("| gen | 5 |") == 1  # rank 0 alone reports
+
+
+def test_a_video_that_does_not_decode_is_named(metric_world, tmp_path, capsys):
+    folder = tmp_path / "broken"
+    _write_set(folder, random_videos(2, 31), ["video7000", "video7001"])
+    (folder / "video7001.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42 truncated")
+    args = _args(metric_world, tmp_path / "work")
+    args[args.index("--videos-in") + 1] = str(folder)
+    assert evaluate.main(args) == 2
+    err = capsys.readouterr().err
+    assert "videos: cannot read" in err and "video7001.mp4" in err

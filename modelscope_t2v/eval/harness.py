@@ -188,19 +188,22 @@ class Scorers:
             return self.fvd_settings()
         return {}
 
-    def compute(self, metric: str, item: Item, frames: np.ndarray) -> dict:
-        if metric == "clipsim":
-            sims = self.clip.frame_similarities(frames, item.prompt)
-            return {"value": float(sims.mean()), "frames": [float(s) for s in sims]}
+    def compute(self, metric: str, items: Sequence[Item], videos: Sequence[np.ndarray]) -> list[dict]:
+        """`metric`'s results for a batch of videos (FVD's detector runs on the batch at once)."""
         if metric == "fvd":
             from .fvd import video_features
 
-            feats = video_features(self.detector, [frames], self.settings.fvd_frames, device=self.settings.device)
-            return {"features": feats[0].tolist()}
+            feats = video_features(self.detector, videos, self.settings.fvd_frames, batch_size=len(videos),
+                                   device=self.settings.device)
+            return [{"features": f.tolist()} for f in feats]
+        if metric == "clipsim":
+            sims = [self.clip.frame_similarities(v, i.prompt) for i, v in zip(items, videos)]
+            return [{"value": float(x.mean()), "frames": [float(v) for v in x]} for x in sims]
         from . import shapes as se
 
-        reading = se.read_video(frames)
-        return {"reading": asdict(reading), "correct": {k: bool(v) for k, v in se.score(item.prompt, reading).items()}}
+        readings = [se.read_video(v) for v in videos]
+        return [{"reading": asdict(r), "correct": {k: bool(v) for k, v in se.score(i.prompt, r).items()}}
+                for i, r in zip(items, readings)]
 
 
 def _file_key(path: Path) -> dict:
@@ -223,9 +226,8 @@ def _check_prompts(items: Sequence[Item], metrics: Sequence[str]) -> None:
 
 def score_items(items: Sequence[Item], settings: MetricSettings, work: str | Path, *, rank: int = 0, world: int = 1,
                 progress: bool = True, scorers: Scorers | None = None, folder_name: str = "per_video") -> Path:
-    """Score this rank's share of `items` into `<work>/<folder_name>/`; returns that folder."""
-    from ..data.decode import read_all_frames
-
+    """Score this rank's share of `items` into `<work>/<folder_name>/`, `settings.batch_size` videos at a
+    time; returns that folder."""
     _check_prompts(items, settings.metrics)
     scorers = scorers or Scorers(settings)
     out = Path(work) / folder_name
@@ -234,30 +236,44 @@ def score_items(items: Sequence[Item], settings: MetricSettings, work: str | Pat
     mine = [item for i, item in enumerate(items) if i % world == rank]
     from tqdm.auto import tqdm
 
-    for item in tqdm(mine, desc=f"scoring {folder_name}", disable=not progress, file=sys.stderr, dynamic_ncols=True):
-        path = out / f"{item.path.name}.json"
-        key = _file_key(item.path)
+    pending = []  # (item, its record's path, file key, stored results, metrics to compute)
+    for item in mine:
+        path, key = out / f"{item.path.name}.json", _file_key(item.path)
         record = {}
         if path.is_file():
             try:
                 record = read_json(path)
             except LayoutError:
                 record = {}
-            if record.get("key") != key:
-                record = {}  # another file of that name: start again
-        results = record.get("metrics", {})
+        results = record.get("metrics", {}) if record.get("key") == key else {}  # another file of that name: afresh
         todo = [m for m in settings.metrics if results.get(m, {}).get("settings") != wanted[m]]
-        if not todo:
-            continue
-        try:
-            frames = read_all_frames(item.path)
-        except Exception as e:  # av.FFmpegError, OSError, VideoReadError: name the file
-            raise ValueError(f"videos: cannot read {item.path} ({type(e).__name__}: {e})") from None
-        for m in todo:
-            results[m] = {"settings": wanted[m], **scorers.compute(m, item, frames)}
-        write_json(path, {"key": key, "prompt": item.prompt, "seed": item.seed, "num_frames": int(frames.shape[0]),
-                          "size": [int(frames.shape[1]), int(frames.shape[2])], "metrics": results})
+        if todo:
+            pending.append((item, path, key, results, todo))
+    bar = tqdm(total=len(mine), initial=len(mine) - len(pending), desc=f"scoring {folder_name}", disable=not progress,
+               file=sys.stderr, dynamic_ncols=True)
+    for start in range(0, len(pending), settings.batch_size):
+        batch = pending[start:start + settings.batch_size]
+        videos = [_read(item.path) for item, *_ in batch]
+        for m in settings.metrics:
+            rows = [i for i, (*_, todo) in enumerate(batch) if m in todo]
+            if rows:
+                for i, result in zip(rows, scorers.compute(m, [batch[i][0] for i in rows], [videos[i] for i in rows])):
+                    batch[i][3][m] = {"settings": wanted[m], **result}
+        for (item, path, key, results, _), frames in zip(batch, videos):  # each record as soon as its batch is done
+            write_json(path, {"key": key, "prompt": item.prompt, "seed": item.seed, "num_frames": int(frames.shape[0]),
+                              "size": [int(frames.shape[1]), int(frames.shape[2])], "metrics": results})
+        bar.update(len(batch))
+    bar.close()
     return out
+
+
+def _read(path: Path) -> np.ndarray:
+    from ..data.decode import read_all_frames
+
+    try:
+        return read_all_frames(path)
+    except Exception as e:  # av.FFmpegError, OSError, VideoReadError: name the file
+        raise ValueError(f"videos: cannot read {path} ({type(e).__name__}: {e})") from None
 
 
 def read_records(items: Sequence[Item], folder: Path) -> list[dict]:
