@@ -114,7 +114,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--fvd-real", default=None, help="folder of real videos for --fvd-reference")
     m.add_argument("--work", type=Path, default=Path("outputs/eval"),
                    help="generated videos and per-video results, reused by a rerun (default outputs/eval)")
-    m.add_argument("--device", default="cpu", help="device of the metric models (default cpu)")
+    m.add_argument("--device", default="auto",
+                   help="auto (cuda if there is CUDA; cuda:LOCAL_RANK under torchrun) | cpu | cuda | cuda:N, for "
+                        "generating and for the metric models (default auto)")
     m.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--batch-size", type=int, default=12)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
@@ -205,27 +207,30 @@ def metric_settings(args: argparse.Namespace) -> harness.MetricSettings:
     return harness.MetricSettings(
         metrics=tuple(dict.fromkeys(args.metrics)), clip_model=args.clip_model, fvd_detector=args.fvd_detector,
         fvd_preprocessing=args.fvd_preprocessing, fvd_frames=args.fvd_frames, fvd_reference=args.fvd_reference,
-        fvd_real=args.fvd_real, batch_size=max(1, min(args.batch_size, 32)), device=args.device)
+        fvd_real=args.fvd_real, batch_size=args.batch_size, device=str(jobs.processes(args.device)[2]))
 
 
 def run_metrics(args: argparse.Namespace) -> dict | None:
     """The citable-metrics path: the sets (folders given, or a model's videos per setting), then the harness."""
+    if args.videos_in and args.prompt_file:
+        raise ValueError("--videos-in scores existing videos; --prompt-file generates them: give one of the two")
     settings = metric_settings(args)
     settings.check()  # before any video is generated
     jobs.check_writable(args.work)
-    if args.videos_in and args.prompt_file:
-        raise ValueError("--videos-in scores existing videos; --prompt-file generates them: give one of the two")
+    scorers = harness.Scorers(settings)
+    scorers.load()  # a bad CLIP or detector is named now
+    harness.check_reference(settings, scorers)
     if args.videos_in:
         names = [f.name or str(f) for f in args.videos_in]
         if len(set(names)) != len(names):
             raise ValueError(f"--videos-in: two folders share a name ({names}); each set is named by its folder")
         sets = {name: harness.list_videos(f, args.captions) for name, f in zip(names, args.videos_in)}
     else:
-        sets = generate_sets(args)
-    return harness.evaluate(sets, settings, args.work, progress=not args.no_progress)
+        sets = generate_sets(args, needs_two="fvd" in settings.metrics)
+    return harness.evaluate(sets, settings, args.work, progress=not args.no_progress, scorers=scorers)
 
 
-def generate_sets(args: argparse.Namespace) -> dict[str, list[harness.Item]]:
+def generate_sets(args: argparse.Namespace, needs_two: bool = False) -> dict[str, list[harness.Item]]:
     """Each setting's videos, made by sample.py's generate (resumable, sharded under torchrun) under
     <work>/videos/<sampler>-<steps>/: the --prompt-file's prompts, else the shapes pairs."""
     import sample
@@ -237,23 +242,36 @@ def generate_sets(args: argparse.Namespace) -> dict[str, list[harness.Item]]:
         raise ValueError("--seeds-per-prompt must be >= 1")
     if args.prompt_file is not None:
         prompts, per_prompt = str(args.prompt_file), args.seeds_per_prompt
-        jobs.read_prompts(prompts)  # errors now, not after loading the model
+        count = len(jobs.read_prompts(prompts)) * per_prompt  # errors now, not after loading the model
     else:
         directions = (se.STILL,) if args.prompts == "still" else se.DIRECTIONS
         rows = [{"prompt": p, "seed": s} for p, s in se.prompt_seed_pairs(args.pairs, args.seed0, directions)]
-        prompts, per_prompt = str(args.work / "videos" / "shapes_pairs.json"), 1
+        prompts, per_prompt, count = str(args.work / "videos" / "shapes_pairs.json"), 1, len(rows)
         write_json(Path(prompts), rows)
+    if needs_two and count < 2:
+        raise ValueError(f"FVD needs at least 2 videos a set (a covariance); this run makes {count}")
     sets = {}
     for sampler, steps, spacing in settings:
         name = f"{sampler}-{steps}" + (f"-{spacing}" if spacing else "")
         folder = args.work / "videos" / name
-        sample.generate({"model": args.model, "prompts": prompts, "out_dir": str(folder), "sampler": sampler,
-                         "steps": steps, "spacing": spacing, "guidance": args.guidance, "seed": args.seed0,
-                         "num_videos_per_prompt": per_prompt, "batch_size": args.batch_size,
-                         "progress": not args.no_progress, "device": "cpu" if args.device == "cpu" else "auto",
-                         "lora": list(args.lora) or None, "lora_scale": args.lora_scale or 1.0})
+        try:
+            _generate(sample, args, prompts, folder, sampler, steps, spacing, per_prompt)
+        except ValueError as e:
+            if "overwrite=true" in str(e):
+                raise ValueError(f"{e}: --work {args.work} holds videos of another model or setting; "
+                                 "give each evaluation its own --work") from None
+            raise
         sets[name] = harness.list_videos(folder)
     return sets
+
+
+def _generate(sample, args, prompts, folder, sampler, steps, spacing, per_prompt) -> None:
+    """One setting's videos through sample.py (on --device: auto is cuda:LOCAL_RANK under torchrun)."""
+    sample.generate({"model": args.model, "prompts": prompts, "out_dir": str(folder), "sampler": sampler,
+                     "steps": steps, "spacing": spacing, "guidance": args.guidance, "seed": args.seed0,
+                     "num_videos_per_prompt": per_prompt, "batch_size": args.batch_size,
+                     "progress": not args.no_progress, "device": args.device,
+                     "lora": list(args.lora) or None, "lora_scale": args.lora_scale or 1.0})
 
 
 def table(result: dict) -> str:

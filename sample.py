@@ -186,18 +186,7 @@ def apply_loras(pipe, pairs: list[tuple[str, float]]) -> None:
     log.info("LoRA: %s", ", ".join(f"{ref} (weight {w:g})" for ref, w in pairs))
 
 
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if not re.fullmatch(r"cpu|cuda(:\d+)?", str(device)):
-        raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {device!r}")
-    dev = torch.device(device)
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"device={device!r}, but CUDA is not available on this machine (use device=cpu or auto)")
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise ValueError(f"device={device!r}, but this machine has {torch.cuda.device_count()} CUDA device(s)")
-    return dev
+resolve_device = jobs.resolve_device
 
 
 def validate(cfg: SampleConfig) -> None:
@@ -366,21 +355,6 @@ def _parses(parse, prompt: str) -> bool:
         return False
 
 
-def _processes(cfg: SampleConfig) -> tuple[int, int, torch.device]:
-    """(rank, world size, device): one process, or a torchrun job (a gloo group for the final barrier;
-    device=auto takes cuda:LOCAL_RANK where there is CUDA)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
-        return 0, 1, resolve_device(cfg.device)
-    import torch.distributed as dist
-
-    if not dist.is_initialized():
-        dist.init_process_group("gloo")
-    local = int(os.environ.get("LOCAL_RANK", "0"))
-    device = torch.device("cuda", local) if cfg.device == "auto" and torch.cuda.is_available() else resolve_device(cfg.device)
-    return dist.get_rank(), dist.get_world_size(), device
-
-
 def _plan(cfg: SampleConfig) -> tuple[list[jobs.Video], Path | None, Path | None]:
     """(every video of the run, the one video's path or None, the folder of several or None)."""
     rows = jobs.read_prompts(cfg.prompts) if cfg.prompts is not None else [(cfg.prompt, None, None)]
@@ -405,7 +379,7 @@ def generate(cfg: SampleConfig | DictConfig | dict) -> Path:
     validate(cfg)
     videos, out, folder = _plan(cfg)
     _warn_beyond_the_model(cfg, videos)
-    rank, world, device = _processes(cfg)
+    rank, world, device = jobs.processes(cfg.device)
     suffix = out.suffix.lower() if out is not None else f".{cfg.format}"
     request = _request(cfg)
     mine = [(v, out if out is not None else folder / jobs.file_name(v, suffix)) for v in jobs.share(videos, rank, world)]

@@ -19,6 +19,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
+import torch
+
 from .formats.files import LayoutError, atomic_path, read_json, write_json
 
 MANIFEST = "manifest.jsonl"
@@ -162,6 +164,36 @@ def is_done(path: Path, video: Video, request: dict[str, Any], *, overwrite: boo
     if overwrite:
         return False
     raise ValueError(f"out: {path} exists (from another request; pass overwrite=true to replace it)")
+
+
+def resolve_device(device: str) -> torch.device:
+    """auto (cuda if there is CUDA, else cpu) | cpu | cuda | cuda:N, checked against this machine."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", str(device)):
+        raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {device!r}")
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device={device!r}, but CUDA is not available on this machine (use device=cpu or auto)")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"device={device!r}, but this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return dev
+
+
+def processes(device: str = "auto") -> tuple[int, int, torch.device]:
+    """(rank, world size, device): one process, or a torchrun job (a gloo group, for the barriers); under
+    torchrun device=auto takes cuda:LOCAL_RANK where there is CUDA."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1, resolve_device(device)
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group("gloo")
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    on = torch.device("cuda", local) if device == "auto" and torch.cuda.is_available() else resolve_device(device)
+    return dist.get_rank(), dist.get_world_size(), on
 
 
 def check_writable(path: Path) -> None:

@@ -58,7 +58,7 @@ class TinyI3D(nn.Module):
     def __init__(self, features: int = 400):
         super().__init__()
         self.conv = nn.Conv3d(3, 8, kernel_size=(3, 7, 7), stride=(2, 4, 4), padding=(1, 3, 3))
-        self.head = nn.Linear(8 * 4, features)
+        self.head = nn.Linear(8 * 4 * 2, features)
 
     def forward(self, x: torch.Tensor, rescale: bool = False, resize: bool = False, return_features: bool = False) -> torch.Tensor:
         if rescale:
@@ -67,7 +67,7 @@ class TinyI3D(nn.Module):
             x = F.interpolate(x, size=(x.shape[2], 224, 224), mode="trilinear", align_corners=False)
         h = torch.relu(self.conv(x))
         h = F.adaptive_avg_pool3d(h, (1, 2, 2)).flatten(1)
-        logits = self.head(torch.cat([h, h ** 2, h.sqrt(), -h], dim=1)[:, : 8 * 4])
+        logits = self.head(torch.cat([h, h ** 2], dim=1))  # b 64 -> b features
         return logits if return_features else torch.softmax(logits, dim=-1)
 
 

@@ -43,7 +43,7 @@ def test_frechet_distance_equals_independent_computations(n, d):
     y = rng.normal(size=(n + 7, d)) * 1.5 + 0.2
     a, b = frechet.feature_stats(x), frechet.feature_stats(y)
     ours = frechet.frechet_distance(a, b)
-    assert np.allclose(a.cov, np.cov(x, rowvar=False)) and a.count == n  # unbiased covariance, as StyleGAN-V's
+    assert np.allclose(a.cov, np.cov(x, rowvar=False)) and a.count == n  # ddof 1 by default (np.cov, as common_metrics)
     eigen = np.square(a.mean - b.mean).sum() + np.trace(a.cov) + np.trace(b.cov) - 2 * _eigen_trace_sqrt(a.cov, b.cov)
     tm = float(_compute_fid(*(torch.from_numpy(t) for t in (a.mean, a.cov, b.mean, b.cov))))  # torchmetrics' FID math
     assert abs(ours - eigen) <= 1e-6 * abs(eigen) and abs(ours - tm) <= 1e-6 * abs(tm), (ours, eigen, tm)
@@ -65,7 +65,7 @@ def test_statistics_file_round_trip_and_bad_files(tmp_path):
     path = frechet.save_stats(tmp_path / "ref.safetensors", stats)
     back = frechet.load_stats(path)
     assert np.array_equal(back.mean, stats.mean) and np.array_equal(back.cov, stats.cov)
-    assert back.count == 5 and back.meta == {"preprocessing": "common"}
+    assert back.count == 5 and back.meta == {"preprocessing": "common", "ddof": 1}
     save_file({"weight": torch.zeros(2)}, str(tmp_path / "model.safetensors"))
     with pytest.raises(ValueError, match="not a statistics file"):
         frechet.load_stats(tmp_path / "model.safetensors")
@@ -100,6 +100,12 @@ def test_common_preprocessing_is_resize_shorter_side_centre_crop_and_range():
     assert raw.dtype == torch.uint8 and torch.equal(raw, torch.from_numpy(video[:16]).permute(3, 0, 1, 2))
     with pytest.raises(ValueError, match="num_frames=16 needs videos of at least 16 frames; one has 8"):
         fvd.preprocess(video[:8], "common", 16)
+    portrait = random_videos(1, 1, frames=16, size=(72, 40))[0]  # 40 -> 224, 72 -> ceil(72 * 5.6) = 404, crop row 90
+    frames = torch.from_numpy(portrait).permute(0, 3, 1, 2).float() / 255
+    expected = TF.crop(TF.resize(frames, [404, 224], antialias=False), 90, 0, 224, 224) * 2 - 1
+    assert torch.allclose(fvd.preprocess(portrait).permute(1, 0, 2, 3), expected, atol=1e-5)
+    square = random_videos(1, 2, frames=16, size=(224, 224))[0]  # already I3D's size: only the value range
+    assert torch.allclose(fvd.preprocess(square), torch.from_numpy(square).permute(3, 0, 1, 2).float() / 127.5 - 1, atol=1e-6)
 
 
 def test_detector_file_both_preprocessings_agree_where_they_coincide(tmp_path):
@@ -115,6 +121,12 @@ def test_detector_file_both_preprocessings_agree_where_they_coincide(tmp_path):
     other = random_videos(3, 2, size=(224, 224), brightness=0.5)
     assert not np.allclose(a, fvd.video_features(common, other), atol=1e-3)  # the features see the videos
     assert common.meta["detector_sha256"] == fvd.file_sha256(path)
+    mixed = random_videos(1, 3, size=(48, 64)) + random_videos(1, 4, size=(64, 48))  # styleganv keeps each size
+    assert fvd.video_features(stylegan, mixed).shape == (2, 400)
+    # the covariance divisor of each code: np.cov's n - 1 (common), StyleGAN-V's FeatureStats' n
+    x = np.random.default_rng(0).normal(size=(6, 3))
+    assert np.allclose(frechet.feature_stats(x, ddof=fvd.covariance_ddof("styleganv")).cov, np.cov(x, rowvar=False) * 5 / 6)
+    assert frechet.feature_stats(x, ddof=fvd.covariance_ddof("common")).meta["ddof"] == 1
 
 
 def test_bad_detector_files_are_named(tmp_path):
@@ -273,6 +285,14 @@ def test_folder_of_videos_scored_with_clipsim_and_fvd_then_resumed(metric_world,
     assert evaluate.main(args) == 0
     after = [json.loads(p.read_text())["metrics"] for p in records]
     assert [a["fvd"] for a in after] == before and all(a["clipsim"]["settings"]["clip_model"] == str(other_clip) for a in after)
+    # a corrected caption file recomputes that video's CLIPSIM (the prompt is part of what a result depends on)
+    fixed = tmp_path / "fixed.csv"
+    fixed.write_text((w["root"] / "MSRVTT_JSFUSION_test.csv").read_text().replace("cooking number 2", "dancing"))
+    args[args.index("--captions") + 1] = str(fixed)
+    assert evaluate.main(args) == 0
+    again = [json.loads(p.read_text()) for p in records]
+    assert again[2]["prompt"] == "a person is dancing" and again[2]["metrics"]["clipsim"]["settings"]["prompt"] == "a person is dancing"
+    assert again[2]["metrics"]["clipsim"]["value"] != after[2]["clipsim"]["value"] and again[1]["metrics"] == after[1]
 
 
 def test_reference_made_another_way_is_refused(metric_world, tmp_path, capsys):
@@ -282,13 +302,13 @@ def test_reference_made_another_way_is_refused(metric_world, tmp_path, capsys):
     assert evaluate.main(args) == 2
     assert "made with preprocessing='common'" in capsys.readouterr().err
     assert not list((work / "gen" / "per_video").glob("*.json"))[0].read_text().count("styleganv")  # refused before scoring
-    small = tiny_i3d_file(tmp_path / "i3d_16.pt", features=16)  # another detector, other feature sizes
+    # statistics of 16-wide features (another detector's), made by hand without the settings they came from
     frechet.save_stats(tmp_path / "ref16.safetensors", frechet.feature_stats(np.random.default_rng(0).normal(size=(4, 16))))
     args = _args(w, tmp_path / "work2")
     args[args.index("--fvd-reference") + 1] = str(tmp_path / "ref16.safetensors")
     assert evaluate.main(args) == 2
-    assert "mismatched feature sizes: 400 against 16" in capsys.readouterr().err
-    del small
+    assert "mismatched feature sizes: the detector gives 400, the reference statistics hold 16" in capsys.readouterr().err
+    assert len(list((tmp_path / "work2" / "gen" / "per_video").glob("*.json"))) == 0  # stopped at the first batch
 
 
 @pytest.mark.parametrize("change, message", [
@@ -332,10 +352,16 @@ def test_a_model_scored_through_sample_py_with_every_metric(metric_world, tmp_pa
     assert evaluate.main(args) == 0
     s = json.loads((work / "results.json").read_text())["summaries"]["ddim-2"]
     assert s["videos"] == 2 and set(s["shapes"]) >= {"color", "shape", "direction", "all"}
+    assert -1 <= s["clipsim"]["mean"] <= 1 and s["fvd"]["value"] > 0 and s["fvd"]["reference_videos"] == 6
     manifest = [json.loads(line) for line in (work / "videos" / "ddim-2" / "manifest.jsonl").read_text().splitlines()]
     from modelscope_t2v.eval.shapes import prompt_seed_pairs
 
     assert [(m["prompt"], m["seed"]) for m in manifest] == prompt_seed_pairs(2)
+    # a rerun with fewer pairs in the same --work scores this run's videos only (the manifest's), not the earlier ones
+    args[args.index("--pairs") + 1] = "1"
+    args[args.index("--metrics") + 1:args.index("--clip-model")] = ["shapes", "clipsim"]
+    assert evaluate.main(args) == 0
+    assert json.loads((work / "results.json").read_text())["summaries"]["ddim-2"]["videos"] == 1
 
 
 def test_prompt_files_as_caption_sets_are_distributed(tmp_path):

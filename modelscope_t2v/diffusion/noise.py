@@ -49,3 +49,40 @@ def randn_like(like: torch.Tensor, generator: Generator = None, dtype: Optional[
         b, c, f, h, w = like.shape
         return randn((b, f, c, h, w), generator, like.device, dtype).permute(0, 2, 1, 3, 4)  # b c f h w
     return randn(like.shape, generator, like.device, dtype)
+
+
+# ---------------------------------------------------------------------------------------------------
+# FreeInit (arXiv 2312.07537): the low frequencies of the diffused result, the high ones of fresh noise.
+
+FREE_INIT_METHODS = ("butterworth", "gaussian", "ideal")
+
+
+def free_init_lowpass(shape: Sequence[int], method: str = "butterworth", order: int = 4,
+                      spatial_stop_frequency: float = 0.25, temporal_stop_frequency: float = 0.25) -> torch.Tensor:
+    """The low-pass filter (f, h, w) over a centred 3-D spectrum of `shape` (..., f, h, w): with the
+    normalised squared distance d2 = ((d_s / d_t) (2t/f - 1))^2 + (2y/h - 1)^2 + (2x/w - 1)^2, butterworth
+    1 / (1 + (d2 / d_s^2)^order), gaussian exp(-d2 / (2 d_s^2)), ideal [d2 <= 2 d_s] (diffusers' FreeInit)."""
+    if method not in FREE_INIT_METHODS:
+        raise ValueError(f"method must be one of {FREE_INIT_METHODS}, got {method!r}")
+    f, h, w = shape[-3:]
+    ds, dt = float(spatial_stop_frequency), float(temporal_stop_frequency)
+    if ds == 0 or dt == 0:
+        return torch.zeros(f, h, w)
+    axis = lambda n: 2 * torch.arange(n, dtype=torch.float64) / n - 1  # noqa: E731
+    d2 = ((ds / dt) * axis(f))[:, None, None] ** 2 + axis(h)[None, :, None] ** 2 + axis(w)[None, None, :] ** 2
+    if method == "butterworth":
+        mask = 1 / (1 + (d2 / ds ** 2) ** order)
+    elif method == "gaussian":
+        mask = torch.exp(-d2 / (2 * ds ** 2))
+    else:
+        mask = (d2 <= ds * 2).double()
+    return mask.float()
+
+
+def mix_frequencies(low_from: torch.Tensor, high_from: torch.Tensor, lowpass: torch.Tensor) -> torch.Tensor:
+    """`low_from`'s low frequencies and `high_from`'s high ones over the last three axes (f, h, w), float32."""
+    dims = (-3, -2, -1)
+    spec = lambda x: torch.fft.fftshift(torch.fft.fftn(x.float(), dim=dims), dim=dims)  # noqa: E731
+    lowpass = lowpass.to(low_from.device)
+    mixed = spec(low_from) * lowpass + spec(high_from) * (1 - lowpass)
+    return torch.fft.ifftn(torch.fft.ifftshift(mixed, dim=dims), dim=dims).real

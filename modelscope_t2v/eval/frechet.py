@@ -7,7 +7,10 @@ and a comparison with features made another way is refused rather than silently 
 
 The distance is StyleGAN-V's (src/metrics/frechet_video_distance.py, the FVD most video papers report):
     d^2 = |mu_1 - mu_2|^2 + tr(S_1 + S_2 - 2 (S_1 S_2)^(1/2))
-with unbiased covariances (np.cov, ddof 1) and scipy's matrix square root, the real part taken.
+with scipy's matrix square root, the real part taken. The covariance's divisor differs between the two
+reference codes: StyleGAN-V's FeatureStats divide by n (ddof 0), common_metrics_on_video_quality's copy
+uses np.cov (n - 1, ddof 1); the statistics record which (eval.fvd.covariance_ddof ties it to the
+preprocessing named after the same code).
 """
 
 from __future__ import annotations
@@ -41,8 +44,9 @@ class FeatureStats:
         return int(self.mean.shape[0])
 
 
-def feature_stats(features, meta: dict[str, Any] | None = None) -> FeatureStats:
-    """Statistics of an (n, d) array of features, n >= 2 (a covariance needs two samples)."""
+def feature_stats(features, meta: dict[str, Any] | None = None, ddof: int = 1) -> FeatureStats:
+    """Statistics of an (n, d) array of features, n >= 2 (a covariance needs two samples); the covariance
+    divided by n - ddof."""
     x = np.asarray(features.detach().cpu().numpy() if hasattr(features, "detach") else features, dtype=np.float64)
     if x.ndim != 2 or x.shape[1] == 0:
         raise ValueError(f"features must be an (n, d) array, one row a video; got shape {x.shape}")
@@ -51,7 +55,8 @@ def feature_stats(features, meta: dict[str, Any] | None = None) -> FeatureStats:
                          f"(published FVDs use 2048 generated videos; with n <= d = {x.shape[1]} the covariance is singular)")
     if not np.isfinite(x).all():
         raise ValueError("features hold NaN or inf values (a video or the detector produced them)")
-    return FeatureStats(mean=x.mean(axis=0), cov=np.cov(x, rowvar=False), count=int(x.shape[0]), meta=dict(meta or {}))
+    cov = np.atleast_2d(np.cov(x, rowvar=False, ddof=ddof))  # d d (1 x 1 for one feature)
+    return FeatureStats(mean=x.mean(axis=0), cov=cov, count=int(x.shape[0]), meta={**(meta or {}), "ddof": ddof})
 
 
 def frechet_distance(a: FeatureStats, b: FeatureStats) -> float:
@@ -71,7 +76,7 @@ def frechet_distance(a: FeatureStats, b: FeatureStats) -> float:
 
 
 def check_comparable(features_meta: dict[str, Any], reference_meta: dict[str, Any],
-                     keys=("detector_sha256", "preprocessing", "num_frames", "resolution")) -> None:
+                     keys=("detector_sha256", "preprocessing", "num_frames", "resolution", "ddof")) -> None:
     """ValueError naming the first setting in which two sets of features were made differently."""
     for key in keys:
         if key in features_meta and key in reference_meta and features_meta[key] != reference_meta[key]:

@@ -10,7 +10,8 @@ Two preprocessings, named for the code they reproduce (both take the first `num_
 - "styleganv" (StyleGAN-V, src/metrics/frechet_video_distance.py): uint8 frames in [0, 255] handed to the
   detector with rescale=True, resize=True, return_features=True: the TorchScript file rescales and resizes
   itself (to 224 x 224, without keeping the aspect ratio).
-The features are the 400 logits before the softmax. A TorchScript file is a program: load only a detector
+The features are the 400 logits before the softmax. The covariance follows the same code: n - 1 for
+"common" (np.cov), n for "styleganv" (its FeatureStats). A TorchScript file is a program: load only a detector
 from a source you trust (the reference code loads the same file the same way).
 """
 
@@ -92,6 +93,11 @@ class Detector:
         return out
 
 
+def covariance_ddof(preprocessing: str) -> int:
+    """The covariance divisor of the code a preprocessing is named after: StyleGAN-V's n (0), common's n - 1."""
+    return 0 if preprocessing == "styleganv" else 1
+
+
 def preprocess(video, preprocessing: str = "common", num_frames: int = 16) -> torch.Tensor:
     """One video, (f, h, w, 3) uint8 (or float in [0, 1]) frames -> the detector's input `c f h w`: the
     first `num_frames` frames, then the preprocessing named (module docstring)."""
@@ -122,8 +128,11 @@ def video_features(detector: Detector, videos: Sequence, num_frames: int = 16, b
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     out = []
     for start in range(0, len(videos), batch_size):
-        x = torch.stack([preprocess(v, detector.preprocessing, num_frames) for v in videos[start:start + batch_size]])
-        feats = detector(x.to(device)).detach().double().cpu().numpy()
+        clips = [preprocess(v, detector.preprocessing, num_frames) for v in videos[start:start + batch_size]]
+        if len({tuple(c.shape) for c in clips}) == 1:
+            feats = detector(torch.stack(clips).to(device)).detach().double().cpu().numpy()
+        else:  # styleganv keeps each video's own size: unequal sizes go through one at a time
+            feats = np.concatenate([detector(c[None].to(device)).detach().double().cpu().numpy() for c in clips])
         if out and feats.shape[1] != out[0].shape[1]:
             raise ValueError(f"fvd detector {detector.name}: feature size changed from {out[0].shape[1]} to {feats.shape[1]}")
         out.append(feats)

@@ -1,8 +1,8 @@
 """Scoring a set of videos with the metrics researchers cite: the shapes attributes, CLIPSIM and FVD.
 
 A set is a folder: sample.py's (its manifest.jsonl, or the sidecars, give each video's prompt and seed) or
-any model's videos with a captions file (a CSV with a video column: `video`, `video_id`, `file` or `path`,
-and a caption column: `caption`, `sentence`, `prompt` or `name`; or a JSON object {video: caption}). A
+any model's videos with a captions file (a CSV with a video column: `video`, `video_id`, `videoid`, `file` or
+`path`, and a caption column: `prompt`, `caption`, `sentence` or `name`, the first present; or a JSON object {video: caption}). A
 video's results go to `<work>/per_video/<file name>.json` as soon as they are computed, each metric with
 the settings that made it, so a rerun skips what is done and a changed setting recomputes only its
 metric. Under torchrun each rank scores every WORLD_SIZE-th video; rank 0 then reads every record and
@@ -23,12 +23,12 @@ from typing import Sequence
 import numpy as np
 
 from ..formats.files import LayoutError, atomic_path, read_json, write_json
+from ..jobs import PROMPT_COLUMNS as CAPTION_COLUMNS  # one order: a prompt file and its captions read alike
 from . import frechet
 
 METRICS = ("shapes", "clipsim", "fvd")
 VIDEO_SUFFIXES = (".mp4", ".gif", ".webm", ".mov", ".avi", ".mkv")
-VIDEO_COLUMNS = ("video", "video_id", "file", "path")
-CAPTION_COLUMNS = ("caption", "sentence", "prompt", "name")
+VIDEO_COLUMNS = ("video", "video_id", "videoid", "file", "path")
 
 
 @dataclass(frozen=True)
@@ -50,7 +50,7 @@ class MetricSettings:
     fvd_reference: str | None = None  # statistics file: read if it exists, else written from fvd_real
     fvd_real: str | None = None  # folder of real videos for the reference statistics
     batch_size: int = 8
-    device: str = "cpu"
+    device: str = "cpu"  # of the metric models (under torchrun, evaluate.py passes this rank's)
 
     def check(self) -> None:
         """ValueError naming the setting, before any model or video is loaded."""
@@ -128,11 +128,16 @@ def list_videos(folder: str | Path, captions: str | Path | None = None) -> list[
             raise ValueError(f"captions: {captions} has no caption for {len(missing)} video(s), e.g. {missing[0]!r}")
         return items
     records: dict[str, dict] = {}
-    if (folder / MANIFEST).is_file():
+    if (folder / MANIFEST).is_file():  # sample.py's run: exactly its videos, in its order
         for line in (folder / MANIFEST).read_text(encoding="utf-8").splitlines():
             if line.strip():
                 record = json.loads(line)
                 records[record["video"]] = record
+        listed = [folder / name for name in records]
+        missing = [p.name for p in listed if not p.is_file()]
+        if missing:
+            raise ValueError(f"videos: {folder / MANIFEST} lists {missing[0]!r}, which is not there")
+        return [Item(p, records[p.name].get("prompt"), records[p.name].get("seed")) for p in listed]
     items = []
     for p in files:
         record = records.get(p.name)
@@ -155,6 +160,14 @@ class Scorers:
     def __init__(self, settings: MetricSettings):
         self.settings = settings
         self._clip = self._detector = None
+        self._sha256 = None
+
+    def load(self) -> None:
+        """Load every model the metrics need now (bad files are named before any video is made or read)."""
+        if "clipsim" in self.settings.metrics:
+            self.clip  # noqa: B018
+        if "fvd" in self.settings.metrics:
+            self.detector  # noqa: B018
 
     @property
     def clip(self):
@@ -174,27 +187,33 @@ class Scorers:
         return self._detector
 
     def fvd_settings(self) -> dict:
-        from .fvd import RESOLUTION, file_sha256
+        from .fvd import RESOLUTION, covariance_ddof, file_sha256
 
         s = self.settings
-        return {"detector_sha256": file_sha256(Path(s.fvd_detector)), "preprocessing": s.fvd_preprocessing,
-                "num_frames": s.fvd_frames, "resolution": RESOLUTION}
+        if self._sha256 is None:
+            self._sha256 = file_sha256(Path(s.fvd_detector))
+        return {"detector_sha256": self._sha256, "preprocessing": s.fvd_preprocessing, "num_frames": s.fvd_frames,
+                "resolution": RESOLUTION, "ddof": covariance_ddof(s.fvd_preprocessing)}
 
-    def metric_settings(self, metric: str) -> dict:
-        """What a stored result of `metric` depends on (a change recomputes it)."""
+    def metric_settings(self, metric: str, item: Item) -> dict:
+        """What a stored result of `metric` for `item` depends on (a change recomputes it)."""
         if metric == "clipsim":
-            return {"clip_model": self.settings.clip_model}
+            return {"clip_model": self.settings.clip_model, "prompt": item.prompt}
         if metric == "fvd":
             return self.fvd_settings()
-        return {}
+        return {"prompt": item.prompt}
 
     def compute(self, metric: str, items: Sequence[Item], videos: Sequence[np.ndarray]) -> list[dict]:
         """`metric`'s results for a batch of videos (FVD's detector runs on the batch at once)."""
         if metric == "fvd":
             from .fvd import video_features
 
-            feats = video_features(self.detector, videos, self.settings.fvd_frames, batch_size=len(videos),
-                                   device=self.settings.device)
+            try:
+                feats = video_features(self.detector, videos, self.settings.fvd_frames, batch_size=len(videos),
+                                       device=self.settings.device)
+            except ValueError as e:
+                names = ", ".join(i.path.name for i in items[:3])
+                raise ValueError(f"{e} (in the batch {names}{', ...' if len(items) > 3 else ''})") from None
             return [{"features": f.tolist()} for f in feats]
         if metric == "clipsim":
             sims = [self.clip.frame_similarities(v, i.prompt) for i, v in zip(items, videos)]
@@ -225,14 +244,14 @@ def _check_prompts(items: Sequence[Item], metrics: Sequence[str]) -> None:
 
 
 def score_items(items: Sequence[Item], settings: MetricSettings, work: str | Path, *, rank: int = 0, world: int = 1,
-                progress: bool = True, scorers: Scorers | None = None, folder_name: str = "per_video") -> Path:
+                progress: bool = True, scorers: Scorers | None = None, folder_name: str = "per_video",
+                feature_dim: int | None = None) -> Path:
     """Score this rank's share of `items` into `<work>/<folder_name>/`, `settings.batch_size` videos at a
     time; returns that folder."""
     _check_prompts(items, settings.metrics)
     scorers = scorers or Scorers(settings)
     out = Path(work) / folder_name
     out.mkdir(parents=True, exist_ok=True)
-    wanted = {m: scorers.metric_settings(m) for m in settings.metrics}
     mine = [item for i, item in enumerate(items) if i % world == rank]
     from tqdm.auto import tqdm
 
@@ -246,20 +265,25 @@ def score_items(items: Sequence[Item], settings: MetricSettings, work: str | Pat
             except LayoutError:
                 record = {}
         results = record.get("metrics", {}) if record.get("key") == key else {}  # another file of that name: afresh
+        wanted = {m: scorers.metric_settings(m, item) for m in settings.metrics}
         todo = [m for m in settings.metrics if results.get(m, {}).get("settings") != wanted[m]]
         if todo:
-            pending.append((item, path, key, results, todo))
+            pending.append((item, path, key, results, todo, wanted))
     bar = tqdm(total=len(mine), initial=len(mine) - len(pending), desc=f"scoring {folder_name}", disable=not progress,
                file=sys.stderr, dynamic_ncols=True)
     for start in range(0, len(pending), settings.batch_size):
         batch = pending[start:start + settings.batch_size]
-        videos = [_read(item.path) for item, *_ in batch]
+        only_fvd = tuple(settings.metrics) == ("fvd",)  # then only the frames FVD sees are decoded
+        videos = [_read(item.path, settings.fvd_frames if only_fvd else None) for item, *_ in batch]
         for m in settings.metrics:
-            rows = [i for i, (*_, todo) in enumerate(batch) if m in todo]
+            rows = [i for i, (*_, todo, _) in enumerate(batch) if m in todo]
             if rows:
                 for i, result in zip(rows, scorers.compute(m, [batch[i][0] for i in rows], [videos[i] for i in rows])):
-                    batch[i][3][m] = {"settings": wanted[m], **result}
-        for (item, path, key, results, _), frames in zip(batch, videos):  # each record as soon as its batch is done
+                    batch[i][3][m] = {"settings": batch[i][5][m], **result}
+                    if m == "fvd" and feature_dim is not None and len(result["features"]) != feature_dim:
+                        raise ValueError(f"mismatched feature sizes: the detector gives {len(result['features'])}, "
+                                         f"the reference statistics hold {feature_dim} (made by another detector?)")
+        for (item, path, key, results, *_), frames in zip(batch, videos):  # each record as soon as its batch is done
             write_json(path, {"key": key, "prompt": item.prompt, "seed": item.seed, "num_frames": int(frames.shape[0]),
                               "size": [int(frames.shape[1]), int(frames.shape[2])], "metrics": results})
         bar.update(len(batch))
@@ -267,11 +291,11 @@ def score_items(items: Sequence[Item], settings: MetricSettings, work: str | Pat
     return out
 
 
-def _read(path: Path) -> np.ndarray:
+def _read(path: Path, max_frames: int | None = None) -> np.ndarray:
     from ..data.decode import read_all_frames
 
     try:
-        return read_all_frames(path)
+        return read_all_frames(path, max_frames)
     except Exception as e:  # av.FFmpegError, OSError, VideoReadError: name the file
         raise ValueError(f"videos: cannot read {path} ({type(e).__name__}: {e})") from None
 
@@ -294,6 +318,8 @@ def reference_stats(settings: MetricSettings, scorers: Scorers, work: Path, *, r
     path = Path(settings.fvd_reference)
     if not path.is_file():
         real = list_videos(settings.fvd_real)
+        if len(real) < 2:
+            raise ValueError(f"--fvd-real: {len(real)} video(s) in {settings.fvd_real}; a covariance needs at least 2")
         only_fvd = MetricSettings(**{**asdict(settings), "metrics": ("fvd",)})
         folder = score_items(real, only_fvd, work, rank=rank, world=world, progress=progress, scorers=scorers,
                              folder_name="real_features")
@@ -301,7 +327,8 @@ def reference_stats(settings: MetricSettings, scorers: Scorers, work: Path, *, r
             barrier()
         if rank == 0 and not path.is_file():
             features = [r["metrics"]["fvd"]["features"] for r in read_records(real, folder)]
-            stats = frechet.feature_stats(np.asarray(features), meta={**fvd, "source": str(settings.fvd_real)})
+            stats = frechet.feature_stats(np.asarray(features), meta={**fvd, "source": str(settings.fvd_real)},
+                                          ddof=fvd["ddof"])
             frechet.save_stats(path, stats)
         if barrier is not None:
             barrier()
@@ -324,7 +351,7 @@ def summarize(records: Sequence[dict], settings: MetricSettings, reference: frec
     if "fvd" in settings.metrics:
         features = np.asarray([r["metrics"]["fvd"]["features"] for r in records])
         meta = (scorers or Scorers(settings)).fvd_settings()
-        stats = frechet.feature_stats(features, meta=meta)
+        stats = frechet.feature_stats(features, meta=meta, ddof=meta["ddof"])
         frechet.check_comparable(stats.meta, reference.meta)
         summary["fvd"] = {"value": frechet.frechet_distance(stats, reference), "videos": stats.count,
                           "reference_videos": reference.count, "reference": str(settings.fvd_reference),
@@ -380,19 +407,25 @@ def write_results(out_dir: str | Path, summaries: dict[str, dict], records: dict
 
 
 def processes() -> tuple[int, int, object]:
-    """(rank, world size, barrier or None): one process, or a torchrun job (a gloo group)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    """(rank, world size, barrier or None): one process, or a torchrun job (jobs.processes' gloo group)."""
+    from ..jobs import processes as ranks
+
+    rank, world, _ = ranks("cpu")
     if world == 1:
         return 0, 1, None
     import torch.distributed as dist
 
-    if not dist.is_initialized():
-        dist.init_process_group("gloo")
-    return dist.get_rank(), dist.get_world_size(), dist.barrier
+    return rank, world, dist.barrier
+
+
+def check_reference(settings: MetricSettings, scorers: Scorers) -> None:
+    """An existing reference statistics file that was made another way is refused now, before any work."""
+    if "fvd" in settings.metrics and Path(settings.fvd_reference).is_file():
+        frechet.check_comparable(scorers.fvd_settings(), frechet.load_stats(settings.fvd_reference).meta)
 
 
 def evaluate(sets: dict[str, Sequence[Item]], settings: MetricSettings, work: str | Path, out_dir: str | Path | None = None,
-             *, progress: bool = True) -> dict[str, dict] | None:
+             *, progress: bool = True, scorers: Scorers | None = None) -> dict[str, dict] | None:
     """Score each named set of videos; rank 0 returns {set: summary} and writes the results under `out_dir`
     (default `work`); other ranks return None."""
     settings.check()
@@ -404,10 +437,12 @@ def evaluate(sets: dict[str, Sequence[Item]], settings: MetricSettings, work: st
             raise ValueError(f"FVD needs at least 2 videos a set (a covariance); {small[0]!r} has {len(sets[small[0]])}")
     work = Path(work)
     rank, world, barrier = processes()
-    scorers = Scorers(settings)
+    scorers = scorers or Scorers(settings)
+    scorers.load()
     reference = reference_stats(settings, scorers, work, rank=rank, world=world, progress=progress, barrier=barrier) \
         if "fvd" in settings.metrics else None
-    folders = {name: score_items(items, settings, work / name, rank=rank, world=world, progress=progress, scorers=scorers)
+    folders = {name: score_items(items, settings, work / name, rank=rank, world=world, progress=progress, scorers=scorers,
+                                 feature_dim=reference.dim if reference is not None else None)
                for name, items in sets.items()}
     if barrier is not None:
         barrier()

@@ -41,6 +41,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from .base import Model, require_bool_list, require_bools, require_float, require_int_list, require_ints
+from .training_free import FrameWindows, FreeU
 
 
 # ---------------------------------------------------------------------------------------------
@@ -274,10 +275,16 @@ class TransformerBlock(nn.Module):
         self.chunk_size: int | None = None  # feed-forward chunking (memory only), see UNet3D
         self.chunk_dim = 0
 
-    def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:
-        x = x + self.self_attn(self.self_attn_norm(x))  # n l c
-        x = x + self.cross_attn(self.cross_attn_norm(x), context)  # n l c
+    def forward(self, x: Tensor, context: Tensor | None = None, windows: FrameWindows | None = None) -> Tensor:
+        if windows is None:
+            x = self._attend(x, context)  # n l c
+        else:  # FreeNoise: the attentions over windows of the l frames, fused; the feed-forward on the whole
+            x = windows.fuse(lambda w: self._attend(w, context), x)  # n l c
         return x + self._feed_forward(self.ff_norm(x))  # n l c
+
+    def _attend(self, x: Tensor, context: Tensor | None) -> Tensor:
+        x = x + self.self_attn(self.self_attn_norm(x))  # n l c
+        return x + self.cross_attn(self.cross_attn_norm(x), context)  # n l c
 
     def _feed_forward(self, x: Tensor) -> Tensor:
         if self.chunk_size is None:
@@ -327,6 +334,7 @@ class TemporalTransformer(nn.Module):
         self.block = TransformerBlock(inner, heads, head_dim, context_dim=None)
         self.proj_out = nn.Linear(inner, ch)
         self.enabled = True  # set_temporal(attention=False) skips the layer
+        self.windows: FrameWindows | None = None  # FreeNoise: attention over frame windows (set_frame_windows)
 
     def forward(self, x: Tensor, num_frames: int) -> Tensor:
         if not self.enabled:
@@ -338,7 +346,7 @@ class TemporalTransformer(nn.Module):
         if self.position_embedding:
             frames = torch.arange(num_frames, device=h.device)
             h = h + timestep_embedding(frames, h.shape[-1]).to(h.dtype)  # + f inner
-        h = self.proj_out(self.block(h))  # (b h w) f c
+        h = self.proj_out(self.block(h, windows=self.windows))  # (b h w) f c
         h = rearrange(h, "(b h w) f c -> (b f) c h w", b=b, h=height, w=width)  # (b f) c h w
         return x + h  # (b f) c h w
 
@@ -457,6 +465,7 @@ class UNet3D(Model):
         self.norm_out = nn.GroupNorm(c.norm_groups, ch0, eps=c.norm_eps)
         self.conv_out = nn.Conv2d(ch0, c.out_channels, 3, padding=1)
         self.gradient_checkpointing = False
+        self.freeu: FreeU | None = None  # enable_freeu
 
     def forward(
         self,
@@ -473,7 +482,10 @@ class UNet3D(Model):
         emb = timestep_embedding(t, self.config.block_channels[0]).to(self.dtype)  # b c0
         emb = self.time_mlp(emb, timestep_cond)  # b 4c0
         emb = repeat(emb, "b d -> (b f) d", f=f)  # (b f) 4c0
-        context = repeat(encoder_hidden_states, "b n d -> (b f) n d", f=f)  # (b f) n ctx
+        if encoder_hidden_states.ndim == 4:  # a context per frame (prompt travel): b f n d
+            context = rearrange(encoder_hidden_states, "b f n d -> (b f) n d")  # (b f) n ctx
+        else:
+            context = repeat(encoder_hidden_states, "b n d -> (b f) n d", f=f)  # (b f) n ctx
 
         x = self.conv_in(rearrange(sample, "b c f h w -> (b f) c h w"))  # (b f) c0 h w
         x = self._run(self.temporal_attention_in, x, f)  # (b f) c0 h w
@@ -489,9 +501,12 @@ class UNet3D(Model):
         for block in self.mid_blocks:
             x = self._run(block, x, emb, context, f)  # (b f) cL hL wL
 
-        for level in self.up_levels:
+        for i, level in enumerate(self.up_levels):
             for block in level.blocks:
-                x = torch.cat([x, skips.pop()], dim=1)  # (b f) (ci + cskip) hi wi
+                skip = skips.pop()  # (b f) cskip hi wi
+                if self.freeu is not None:
+                    x, skip = self.freeu.backbone_and_skip(i, x, skip)
+                x = torch.cat([x, skip], dim=1)  # (b f) (ci + cskip) hi wi
                 x = self._run(block, x, emb, context, f)  # (b f) ci hi wi
             if level.upsample is not None:
                 x = level.upsample(x, skips[-1].shape[-2:])  # (b f) ci h(i-1) w(i-1)
@@ -511,10 +526,12 @@ class UNet3D(Model):
                 f"UNet3D: sample must be (b, {c.in_channels}, f, h, w), got {tuple(sample.shape)}"
             )
         b, f = sample.shape[0], sample.shape[2]
-        if context.ndim != 3 or context.shape[0] != b or context.shape[2] != c.cross_attention_dim:
+        per_frame = context.ndim == 4 and context.shape[1] == f
+        if context.ndim not in (3, 4) or context.shape[0] != b or context.shape[-1] != c.cross_attention_dim or (
+                context.ndim == 4 and not per_frame):
             raise ValueError(
-                f"UNet3D: encoder_hidden_states must be ({b}, n, {c.cross_attention_dim}), "
-                f"got {tuple(context.shape)}"
+                f"UNet3D: encoder_hidden_states must be ({b}, n, {c.cross_attention_dim}) or, one per frame, "
+                f"({b}, {f}, n, {c.cross_attention_dim}), got {tuple(context.shape)}"
             )
         if timestep_cond is not None:
             if c.timestep_cond_dim is None:
@@ -568,6 +585,23 @@ class UNet3D(Model):
 
     def disable_gradient_checkpointing(self) -> None:
         self.gradient_checkpointing = False
+
+    def enable_freeu(self, s1: float, s2: float, b1: float, b2: float) -> None:
+        """FreeU (models/training_free.py), as diffusers' UNet3DConditionModel.enable_freeu: skip features of
+        the first two up-levels low-pass scaled by s1, s2; half their backbone channels scaled by b1, b2."""
+        for name, v in (("s1", s1), ("s2", s2), ("b1", b1), ("b2", b2)):
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                raise ValueError(f"enable_freeu: {name} must be a finite number, got {v!r}")
+        self.freeu = FreeU(float(s1), float(s2), float(b1), float(b2))
+
+    def disable_freeu(self) -> None:
+        self.freeu = None
+
+    def set_frame_windows(self, windows: FrameWindows | None) -> None:
+        """FreeNoise's windowed temporal attention in every temporal transformer (None: over all frames)."""
+        for m in self.modules():
+            if isinstance(m, TemporalTransformer):
+                m.windows = windows
 
     def set_temporal(self, attention: bool = True, conv: bool = True) -> None:
         """Switch the temporal attention layers (incl. the one after conv_in) and/or the temporal

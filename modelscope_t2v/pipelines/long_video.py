@@ -1,0 +1,319 @@
+"""Long videos and pinned frames, training-free, with diffusers' names: FreeNoise (`enable_free_noise`, noise
+rescheduling, windowed temporal attention, prompt travel), plain sliding windows over the whole UNet
+(`enable_sliding_windows`, the fine-tuning community's overlap averaging), FreeU (`enable_freeu`), FreeInit
+(`enable_free_init`); and frames pinned to given pixels during sampling: image-to-video (`image=`), a last
+keyframe (`last_image=`), loops (`loop=True`) and continuation of a clip (`init_video=`, `num_init_frames=`),
+chained into long videos by `generate_continued`.
+
+Pinning (the A1111 text2video extension's inpainting of latents): the pinned frames' latents are the given
+frames' autoencoder means, noised to the current timestep with fixed noise and blended in with `image_strength`
+after every step (and before the first), so the rest of the clip is denoised around them; after the last step
+they are the means themselves. A loop samples one frame more, tied to the first after every step, and drops
+it: the last frame then leads back to the first.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from einops import rearrange, repeat
+
+from ..diffusion.noise import FREE_INIT_METHODS, free_init_lowpass, mix_frequencies, randn
+from ..models.training_free import FrameWindows, shuffled_context_noise
+
+NOISE_TYPES = ("shuffle_context", "repeat_context", "random")
+
+
+@dataclass(frozen=True)
+class FreeInit:
+    num_iters: int = 3
+    use_fast_sampling: bool = False
+    method: str = "butterworth"
+    order: int = 4
+    spatial_stop_frequency: float = 0.25
+    temporal_stop_frequency: float = 0.25
+
+
+@dataclass
+class Pins:
+    """Latent frames held to given pixels: {frame index: pixels 1 c H W in [-1, 1]}, and the loop switch."""
+
+    frames: dict[int, torch.Tensor]
+    strength: float = 1.0
+    loop: bool = False  # one extra frame, tied to frame 0 after every step, dropped at the end
+
+
+def as_image(image, name: str = "image"):
+    """A PIL image from PIL, a numpy (h, w, 3) array (uint8, or float in [0, 1]) or a tensor (3, h, w) / (h, w, 3)."""
+    from PIL import Image
+
+    if isinstance(image, Image.Image):
+        return image.convert("RGB")
+    if isinstance(image, torch.Tensor):
+        image = image.detach().cpu()
+        if image.ndim == 3 and image.shape[0] in (1, 3) and image.shape[-1] not in (1, 3):
+            image = image.permute(1, 2, 0)
+        image = image.numpy()
+    if isinstance(image, np.ndarray) and image.ndim == 3 and image.shape[-1] in (1, 3) and min(image.shape[:2]) > 0:
+        if image.dtype != np.uint8:
+            if not np.isfinite(image).all() or image.min() < 0 or image.max() > 1:
+                raise ValueError(f"{name}: float pixels must lie in [0, 1]")
+            image = (image * 255).round().astype(np.uint8)
+        return Image.fromarray(np.repeat(image, 3, axis=-1) if image.shape[-1] == 1 else image)
+    shape = getattr(image, "shape", None)
+    raise TypeError(f"{name} must be a PIL image, a numpy array (h, w, 3) or a tensor (3, h, w); got "
+                    f"{type(image).__name__}{'' if shape is None else f' of shape {tuple(shape)}'}")
+
+
+class LongVideoMethods:
+    """The pipeline methods of this module (mixed into TextToVideoSDPipeline)."""
+
+    _free_noise: tuple[FrameWindows, str, Callable] | None = None
+    _sliding_windows: FrameWindows | None = None
+    _free_init: FreeInit | None = None
+
+    # -- switches ------------------------------------------------------------------------------------
+
+    def enable_free_noise(self, context_length: int = 16, context_stride: int = 4, weighting_scheme: str = "pyramid",
+                          noise_type: str = "shuffle_context", prompt_interpolation_callback: Callable | None = None):
+        """FreeNoise (arXiv 2310.15169), as diffusers' AnimateDiff pipelines name it: temporal attention over
+        windows of `context_length` frames `context_stride` apart, fused by `weighting_scheme`; the initial noise
+        rescheduled (`noise_type`); a prompt dict {frame: prompt} interpolated per frame (`prompt_interpolation_callback
+        (start, end, start_embeds, end_embeds)`, default linear). Videos of `context_length` frames are unchanged."""
+        windows = FrameWindows(context_length, context_stride, weighting_scheme)
+        if noise_type not in NOISE_TYPES:
+            raise ValueError(f"noise_type must be one of {NOISE_TYPES}, got {noise_type!r}")
+        self._free_noise = (windows, noise_type, prompt_interpolation_callback or lerp_embeddings)
+        self.unet.set_frame_windows(windows)
+
+    def disable_free_noise(self):
+        self._free_noise = None
+        self.unet.set_frame_windows(None)
+
+    @property
+    def free_noise_enabled(self) -> bool:
+        return self._free_noise is not None
+
+    def enable_sliding_windows(self, context_length: int = 16, context_stride: int = 4, weighting_scheme: str = "flat"):
+        """The whole UNet over windows of frames, the predictions averaged where windows overlap (the baseline
+        FreeNoise improves on; memory bounded by the window)."""
+        self._sliding_windows = FrameWindows(context_length, context_stride, weighting_scheme)
+
+    def disable_sliding_windows(self):
+        self._sliding_windows = None
+
+    def enable_freeu(self, s1: float, s2: float, b1: float, b2: float):
+        """FreeU (arXiv 2309.11497) in the UNet: diffusers' `enable_freeu` (e.g. s1=0.9, s2=0.2, b1=1.2, b2=1.4)."""
+        self.unet.enable_freeu(s1, s2, b1, b2)
+
+    def disable_freeu(self):
+        self.unet.disable_freeu()
+
+    def enable_free_init(self, num_iters: int = 3, use_fast_sampling: bool = False, method: str = "butterworth",
+                         order: int = 4, spatial_stop_frequency: float = 0.25, temporal_stop_frequency: float = 0.25):
+        """FreeInit (arXiv 2312.07537), as diffusers names it: sample `num_iters` times, each time re-noising the
+        result to t = T - 1 with the first noise and keeping its low frequencies (the filter `method`) under
+        fresh high-frequency noise; `use_fast_sampling`: iteration i of n runs steps * (i + 1) / n steps."""
+        if not isinstance(num_iters, int) or isinstance(num_iters, bool) or num_iters < 1:
+            raise ValueError(f"num_iters must be a positive int, got {num_iters!r}")
+        if method not in FREE_INIT_METHODS:
+            raise ValueError(f"method must be one of {FREE_INIT_METHODS}, got {method!r}")
+        for name, v in (("spatial_stop_frequency", spatial_stop_frequency), ("temporal_stop_frequency", temporal_stop_frequency)):
+            if not 0 <= v <= 1:
+                raise ValueError(f"{name} must be in [0, 1], got {v!r}")
+        self._free_init = FreeInit(num_iters, bool(use_fast_sampling), method, order, spatial_stop_frequency,
+                                   temporal_stop_frequency)
+
+    def disable_free_init(self):
+        self._free_init = None
+
+    @property
+    def free_init_enabled(self) -> bool:
+        return self._free_init is not None
+
+    # -- pieces of a call ----------------------------------------------------------------------------
+
+    def _check_long_video(self, num_frames: int) -> None:
+        for what, windows in (("enable_free_noise", self._free_noise and self._free_noise[0]),
+                              ("enable_sliding_windows", self._sliding_windows)):
+            if windows and num_frames < windows.context_length:
+                raise ValueError(f"{what}: context_length {windows.context_length} is longer than the video "
+                                 f"({num_frames} frames); use a context_length <= num_frames")
+
+    def _free_noise_latents(self, latents: torch.Tensor, generator) -> torch.Tensor:
+        """The initial noise rescheduled as FreeNoise's noise_type says (after the plain draw, as diffusers)."""
+        if self._free_noise is None:
+            return latents
+        windows, noise_type, _ = self._free_noise
+        if noise_type == "random" or latents.shape[2] <= windows.context_length:
+            return latents
+        if noise_type == "repeat_context":
+            reps = -(-latents.shape[2] // windows.context_length)
+            return torch.cat([latents[:, :, :windows.context_length]] * reps, dim=2)[:, :, :latents.shape[2]]
+        if isinstance(generator, (list, tuple)) and len(generator) > 1:
+            return torch.cat([shuffled_context_noise(x[None], windows, g) for x, g in zip(latents, generator)])
+        g = generator[0] if isinstance(generator, (list, tuple)) else generator
+        return shuffled_context_noise(latents, windows, g)
+
+    def _travel_embeddings(self, prompts: dict[int, str], num_frames: int, guided: bool, negative_prompt,
+                           num_videos_per_prompt: int, clip_skip) -> torch.Tensor:
+        """Prompt travel: {first frame: prompt} -> a context per frame (b, f, n, d), each frame between two
+        keyframes interpolated by the callback; unconditional branch first when guided."""
+        if not prompts or not all(isinstance(k, int) and not isinstance(k, bool) and 0 <= k < num_frames for k in prompts):
+            raise ValueError(f"prompt: a dict of prompts needs integer frame indices in [0, {num_frames}), got {sorted(prompts)}")
+        if not all(isinstance(v, str) for v in prompts.values()):
+            raise TypeError("prompt: every value of a prompt dict must be a string")
+        keys = sorted(prompts)
+        if keys[0] != 0:
+            keys, prompts = [0, *keys], {0: prompts[keys[0]], **prompts}  # the first prompt holds from frame 0
+        callback = self._free_noise[2] if self._free_noise else lerp_embeddings
+        pos, neg = self.encode_prompt([prompts[k] for k in keys], self._execution_device, 1, guided,
+                                      None if negative_prompt is None else [negative_prompt] * len(keys), clip_skip=clip_skip)
+        per_frame = pos.new_empty((num_frames, *pos.shape[1:]))  # f n d
+        bounds = [*keys, num_frames - 1]
+        per_frame[keys[-1]:] = pos[-1]
+        for i in range(len(keys) - 1):
+            start, end = bounds[i], bounds[i + 1]
+            per_frame[start:end + 1] = callback(start, end, pos[i:i + 1], pos[i + 1:i + 2])
+        context = repeat(per_frame, "f n d -> b f n d", b=num_videos_per_prompt)
+        if guided:
+            context = torch.cat([repeat(neg[0], "n d -> b f n d", b=num_videos_per_prompt, f=num_frames), context])
+        return context
+
+    def _windowed_unet(self, unet_call: Callable, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        """unet_call(x, context) over the sliding windows' frames (a per-frame context sliced with them)."""
+        windows = self._sliding_windows
+        if windows is None or x.shape[2] <= windows.context_length:
+            return unet_call(x, context)
+        positions = torch.arange(x.shape[2], device=x.device)
+
+        def window(xw: torch.Tensor) -> torch.Tensor:
+            return unet_call(xw, context if context.ndim == 3 else context[:, window.start:window.start + xw.shape[2]])
+
+        def run(xw):  # the window's first frame, for the context slice
+            return window(xw)
+
+        out = torch.zeros_like(x, dtype=torch.float32)
+        count = torch.zeros(x.shape[2], device=x.device)
+        weights = torch.tensor(windows.weights(), device=x.device)
+        for start, end in windows.windows(x.shape[2]):
+            window.start = start
+            out[:, :, start:end] += run(x[:, :, start:end]).float() * weights[None, None, :, None, None]
+            count[start:end] += weights
+        del positions
+        return (out / count[None, None, :, None, None]).to(x.dtype)
+
+    def _pins(self, image, last_image, loop: bool, init_video, num_init_frames, strength, height, width) -> Pins | None:
+        """The pinned frames of a call, checked before any model runs (frame indices of the sampled clip)."""
+        if loop not in (True, False):
+            raise TypeError(f"loop must be True or False, got {loop!r}")
+        if loop and last_image is not None:
+            raise ValueError("loop=True ties the last frame to the first: it cannot also take a last_image")
+        if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0 <= strength <= 1:
+            raise ValueError(f"image_strength must be in [0, 1], got {strength!r}")
+        if image is not None and init_video is not None:
+            raise ValueError("image and init_video both pin the first frames: give one of the two")
+        if num_init_frames is not None and init_video is None:
+            raise ValueError("num_init_frames needs init_video (the clip to continue)")
+        factor = self.vae_scale_factor
+        frames: dict[int, torch.Tensor] = {}
+        if image is not None:
+            frames[0] = self.preprocess_video([as_image(image)], height, width)[:, :, 0]  # 1 c H W
+        if last_image is not None:
+            frames[-1] = self.preprocess_video([as_image(last_image, "last_image")], height, width)[:, :, 0]
+        if init_video is not None:
+            k = 1 if num_init_frames is None else num_init_frames
+            if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+                raise ValueError(f"num_init_frames must be a positive int, got {k!r}")
+            video = self.preprocess_video(init_video, height, width)  # b c f H W
+            if video.shape[0] != 1 or video.shape[1] != 3:
+                raise ValueError(f"init_video: one RGB video to continue, got shape {tuple(video.shape)}")
+            if video.shape[2] < k:
+                raise ValueError(f"init_video has {video.shape[2]} frames; num_init_frames={k} needs at least {k}")
+            for j in range(k):
+                frames[j] = video[:, :, video.shape[2] - k + j]
+        for x in frames.values():
+            if tuple(x.shape[-2:]) != (height, width) or height % factor or width % factor:
+                raise ValueError(f"pinned frames are {tuple(x.shape[-2:])}; the video is {height}x{width}")
+        return Pins(frames, float(strength), bool(loop)) if frames or loop else None
+
+    def _pin_hook(self, pins: Pins, latents: torch.Tensor, timesteps: torch.Tensor):
+        """(the starting latents with the pins applied, the after-step hook) for `latents` b c f h w."""
+        num_frames = latents.shape[2]
+        index = {(j % num_frames): x for j, x in pins.frames.items()}
+        if len(index) and max(index) >= num_frames - (1 if pins.loop else 0):
+            raise ValueError(f"num_init_frames: {max(index) + 1} pinned frames for a clip of {num_frames} frames")
+        means = {}
+        if index:
+            pixels = torch.cat(list(index.values()))  # k c H W
+            with self._placement.placed(self.vae):
+                z = self.vae.encode(pixels.to(self._execution_device, self.vae.dtype)).mode()
+            z = (z * self.vae.config.scaling_factor).to(latents.device, latents.dtype)  # k c h w
+            means = {j: z[i] for i, j in enumerate(index)}
+        noise = {j: latents[:, :, j] / self.scheduler.init_noise_sigma for j in means}  # fixed: the frame's own draw
+        s = pins.strength
+
+        def apply(x: torch.Tensor, t) -> torch.Tensor:
+            x = x.clone()
+            for j, mean in means.items():
+                target = mean.expand_as(x[:, :, j]) if t is None else self.scheduler.add_noise(
+                    mean.expand_as(x[:, :, j]), noise[j], t.reshape(1).repeat(x.shape[0]))
+                x[:, :, j] = target if s == 1 else s * target + (1 - s) * x[:, :, j]
+            if pins.loop:
+                x[:, :, -1] = x[:, :, 0]
+            return x
+
+        def after_step(i: int, x: torch.Tensor) -> torch.Tensor:
+            return apply(x, timesteps[i + 1] if i + 1 < len(timesteps) else None)
+
+        return apply(latents, timesteps[0]), after_step
+
+    def _free_init_latents(self, latents: torch.Tensor, first_noise: torch.Tensor, generator) -> torch.Tensor:
+        """Iteration >= 1 of FreeInit: the result diffused back to T - 1 with the first noise, its low
+        frequencies kept, fresh noise's high ones."""
+        fi = self._free_init
+        t = torch.full((latents.shape[0],), self.scheduler.config.num_train_timesteps - 1, device=latents.device)
+        diffused = self.scheduler.add_noise(latents, first_noise, t).float()
+        fresh = randn(latents.shape, generator, latents.device, torch.float32)
+        lowpass = free_init_lowpass(latents.shape, fi.method, fi.order, fi.spatial_stop_frequency, fi.temporal_stop_frequency)
+        return mix_frequencies(diffused, fresh, lowpass).to(latents.dtype)
+
+    def free_init_steps(self, num_inference_steps: int, iteration: int) -> int:
+        fi = self._free_init
+        if fi is None or not fi.use_fast_sampling:
+            return num_inference_steps
+        return max(1, int(num_inference_steps / fi.num_iters * (iteration + 1)))
+
+    # -- chained clips -------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def generate_continued(self, prompt: str | list[str], num_clips: int, num_init_frames: int = 4,
+                           generator: torch.Generator | None = None, **kwargs: Any) -> np.ndarray:
+        """A long video as `num_clips` clips, each continuing the last `num_init_frames` frames of the one before
+        (memory: one clip's); `prompt` one for all or one per clip; `kwargs` go to each call (num_frames, ...).
+        Returns f h w 3 floats in [0, 1], the repeated frames kept once."""
+        prompts = [prompt] * num_clips if isinstance(prompt, str) else list(prompt)
+        if not isinstance(num_clips, int) or num_clips < 1 or len(prompts) != num_clips:
+            raise ValueError(f"num_clips must be a positive int with one prompt or one per clip ({len(prompts)} for {num_clips})")
+        for name in ("init_video", "image", "output_type", "num_videos_per_prompt"):
+            if name in kwargs:
+                raise ValueError(f"generate_continued: {name} is set per clip; leave it out")
+        frames: list[np.ndarray] = []
+        previous = None
+        for i, text in enumerate(prompts):
+            extra = {} if previous is None else {"init_video": previous, "num_init_frames": num_init_frames}
+            clip = np.asarray(self(text, generator=generator, output_type="np", **extra, **kwargs).frames[0])
+            frames.append(clip if previous is None else clip[num_init_frames:])
+            previous = clip
+        return np.concatenate(frames)
+
+
+def lerp_embeddings(start: int, end: int, start_embeds: torch.Tensor, end_embeds: torch.Tensor) -> torch.Tensor:
+    """Frames start..end (inclusive) linearly between the two embeddings (1 n d each) -> (end - start + 1) n d."""
+    n = end - start + 1
+    alpha = torch.linspace(0, 1, n, dtype=start_embeds.dtype, device=start_embeds.device) if n > 1 else \
+        torch.zeros(1, dtype=start_embeds.dtype, device=start_embeds.device)
+    return rearrange(torch.lerp(start_embeds, end_embeds, alpha[:, None, None]), "k n d -> k n d")
