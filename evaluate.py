@@ -118,6 +118,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="auto (cuda if there is CUDA; cuda:LOCAL_RANK under torchrun) | cpu | cuda | cuda:N, for "
                         "generating and for the metric models (default auto)")
     m.add_argument("--no-progress", action="store_true", help="no progress bars")
+    lv = p.add_argument_group("long videos, image-to-video, continuation, loops (docs/long_video.md)")
+    lv.add_argument("--long", nargs="+", default=[], metavar="MODE",
+                    choices=("plain", "free-noise", "sliding", "i2v", "continue", "loop"),
+                    help="measure these modes with the first --settings (plain, free-noise, sliding at each "
+                         "--frames; continue at each --frames; i2v and loop at 16 frames)")
+    lv.add_argument("--frames", nargs="+", type=int, default=[48, 64], help="lengths for --long (default 48 64)")
     p.add_argument("--batch-size", type=int, default=12)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
@@ -274,6 +280,56 @@ def _generate(sample, args, prompts, folder, sampler, steps, spacing, per_prompt
                      "lora": list(args.lora) or None, "lora_scale": args.lora_scale or 1.0})
 
 
+def run_long(args: argparse.Namespace) -> list[dict]:
+    """--long: each mode at each length on --pairs shapes pairs (eval/long_video.py)."""
+    from modelscope_t2v.eval import long_video as lv
+    from modelscope_t2v.pipelines import TextToVideoSDPipeline
+    from modelscope_t2v.video_io import export_to_video
+
+    if not args.settings or args.settings[0] is None:
+        raise ValueError("--long needs a sampler setting: --settings SAMPLER:STEPS")
+    if any(f < 16 for f in args.frames):
+        raise ValueError(f"--frames: lengths of at least 16, got {args.frames}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    sampler, steps, spacing = args.settings[0]
+    pipe = TextToVideoSDPipeline.from_pretrained(args.model)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.scheduler = schedulers.make_sampler(sampler, dict(pipe.scheduler.config), spacing)
+    guidance = pipe.resolve_guidance_scale(args.guidance)
+    pairs = se.prompt_seed_pairs(args.pairs, args.seed0)
+    rows = []
+    for mode in args.long:
+        for frames in (args.frames if mode in ("plain", "free-noise", "sliding", "continue") else [16]):
+            pipe.disable_free_noise()
+            pipe.disable_sliding_windows()
+            if mode == "free-noise":
+                pipe.enable_free_noise()
+            elif mode == "sliding":
+                pipe.enable_sliding_windows()
+            print(f"{mode} at {frames} frames on {len(pairs)} pairs ...", file=sys.stderr, flush=True)
+            result, videos = lv.measure(pipe, pairs, mode, frames, steps_=steps, guidance=guidance)
+            rows.append({"sampler": sampler, "steps": steps, **asdict(result)})
+            if args.videos is not None:
+                for (p, s), v in zip(pairs, videos):
+                    name = args.videos / f"{mode}-{frames}" / f"{s:03d}-{p.replace(' ', '-')}.mp4"
+                    name.parent.mkdir(parents=True, exist_ok=True)
+                    export_to_video(list(v), str(name), fps=8)
+    pipe.disable_free_noise()
+    pipe.disable_sliding_windows()
+    return rows
+
+
+def long_table(rows: list[dict]) -> str:
+    lines = ["| mode | frames | videos | windows: colour | shape | both | max step / median: worst | videos <= 2x | other | seconds |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---|---:|"]
+    for r in rows:
+        other = ", ".join(f"{k} {v:.3g}" for k, v in r["extra"].items())
+        lines.append(f"| {r['mode']} | {r['num_frames']} | {r['videos']} | {r['window_color']:.1%} | {r['window_shape']:.1%} | "
+                     f"{r['window_both']:.1%} | {r['jump_max']:.2f} | {r['jump_within_2x']:.1%} | {other} | {r['seconds']:.0f} |")
+    return "\n".join(lines)
+
+
 def table(result: dict) -> str:
     ref = result["reference"] if result.get("reference_pairs") else None
     head = "| sampler | steps | colour | shape | direction | all three |"
@@ -305,6 +361,16 @@ def probe_table(probe: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.long:
+        try:
+            rows = run_long(args)
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        print(long_table(rows))
+        if args.out is not None:
+            write_json(args.out, {"pairs": args.pairs, "settings": str(args.settings[0]), "rows": rows})
+        return 0
     if uses_harness(args):
         try:
             summaries = run_metrics(args)

@@ -106,6 +106,17 @@ class SampleConfig:
     lora: Any = None
     lora_scale: Any = 1.0  # the LoRA's weight, or one per LoRA: lora_scale=[0.8,1.0] (0: the base model)
     upscale: UpscaleConfig = field(default_factory=UpscaleConfig)
+    # Long videos and pinned frames (pipelines/long_video.py, docs/long_video.md)
+    image: Optional[str] = None  # an image file the video starts from (image-to-video), resized to the video
+    last_image: Optional[str] = None  # an image file the video ends on
+    loop: bool = False  # the last frame leads back to the first
+    image_strength: float = 1.0  # how hard image / last_image are held (1: exactly their frames)
+    clips: int = 1  # > 1: that many clips of num_frames, each continuing the last clip_overlap frames of the one before
+    clip_overlap: int = 4
+    free_noise: bool = False  # FreeNoise: windowed temporal attention, rescheduled noise (context 16, stride 4)
+    sliding_windows: bool = False  # the whole UNet over overlapping 16-frame windows, averaged (the baseline)
+    freeu: Optional[list] = None  # [s1, s2, b1, b2], e.g. [0.9, 0.2, 1.2, 1.4]
+    free_init: Optional[int] = None  # FreeInit iterations (e.g. 3; butterworth filter, diffusers' defaults)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -231,6 +242,7 @@ def validate(cfg: SampleConfig) -> None:
         raise ValueError(f"dtype must be one of {list(DTYPES)}, got {cfg.dtype!r}")
     resolve_device(cfg.device)
     loras(cfg)
+    _check_long(cfg)
     up = cfg.upscale
     if up.model is not None:
         _model_ref("upscale.model", up.model)
@@ -243,6 +255,48 @@ def validate(cfg: SampleConfig) -> None:
                 raise ValueError(f"upscale.steps must be <= 1000, got {up.steps}")
         if up.guidance is not None:
             check_guidance_scale(up.guidance, "upscale.guidance")
+
+
+def _check_long(cfg: SampleConfig) -> None:
+    """The long-video and pinned-frame fields (image files opened here, before any model loads)."""
+    from PIL import Image, UnidentifiedImageError
+
+    for name in ("image", "last_image"):
+        path = getattr(cfg, name)
+        if path is not None:
+            try:
+                with Image.open(path) as im:
+                    im.verify()
+            except (OSError, UnidentifiedImageError) as e:
+                raise ValueError(f"{name}: {path!r} is not an image file ({type(e).__name__})") from None
+    if cfg.loop and cfg.last_image is not None:
+        raise ValueError("loop=true ties the last frame to the first: it cannot also take last_image")
+    _finite("image_strength", cfg.image_strength, low=0.0, high=1.0)
+    _positive_int("clips", cfg.clips)
+    _positive_int("clip_overlap", cfg.clip_overlap)
+    if cfg.clips > 1 and (cfg.image is not None or cfg.last_image is not None or cfg.loop):
+        raise ValueError("clips > 1 chains clips by continuation; image, last_image and loop are for one clip")
+    if cfg.clips > 1 and cfg.upscale.model is not None:
+        raise ValueError("clips > 1 and upscale.model: upscale the chained video in a second run")
+    if cfg.freeu is not None and (len(cfg.freeu) != 4 or not all(isinstance(v, (int, float)) for v in cfg.freeu)):
+        raise ValueError(f"freeu must be [s1, s2, b1, b2] (four numbers), got {cfg.freeu!r}")
+    if cfg.free_init is not None:
+        _positive_int("free_init", cfg.free_init)
+    if (cfg.free_noise or cfg.sliding_windows) and cfg.num_frames is not None and cfg.num_frames < 16:
+        raise ValueError(f"free_noise / sliding_windows work in windows of 16 frames; num_frames={cfg.num_frames} is shorter")
+    if cfg.free_noise and cfg.sliding_windows:
+        raise ValueError("free_noise and sliding_windows: choose one way of windowing a long video")
+
+
+def _long_switches(cfg: SampleConfig, pipe) -> None:
+    if cfg.free_noise:
+        pipe.enable_free_noise()
+    if cfg.sliding_windows:
+        pipe.enable_sliding_windows()
+    if cfg.freeu is not None:
+        pipe.enable_freeu(*cfg.freeu)
+    if cfg.free_init is not None:
+        pipe.enable_free_init(num_iters=cfg.free_init)
 
 
 def several(cfg: SampleConfig) -> bool:
@@ -319,7 +373,8 @@ def resize_frames(frames, width: int, height: int):
 def _request(cfg: SampleConfig) -> dict[str, Any]:
     """The settings that decide a video besides its prompt and seed (a sidecar's key to resume by)."""
     keep = ("model", "sampler", "steps", "guidance", "spacing", "eta", "num_frames", "height", "width", "fps",
-            "dtype")
+            "dtype", "image", "last_image", "loop", "image_strength", "clips", "clip_overlap", "free_noise",
+            "sliding_windows", "freeu", "free_init")
     up = dataclasses.asdict(cfg.upscale) if cfg.upscale.model is not None else None
     pairs = loras(cfg)
     lora = {"lora": [r for r, _ in pairs], "lora_scale": [w for _, w in pairs]} if pairs else {}
@@ -393,6 +448,7 @@ def generate(cfg: SampleConfig | DictConfig | dict) -> Path:
         pipe = load_pipeline(cfg.model, TextToVideoSDPipeline, dtype).to(device)
         set_sampler(pipe, cfg.sampler, cfg.spacing)
         apply_loras(pipe, loras(cfg))
+        _long_switches(cfg, pipe)
         pipe.set_progress_bar_config(disable=not cfg.progress, file=sys.stderr)
         if cfg.vae_slicing:
             pipe.enable_vae_slicing()
@@ -465,10 +521,18 @@ def _first_pass(cfg: SampleConfig, pipe, guidance: float, videos: list[jobs.Vide
     """(frames per video, f h w 3 in [0, 1]; what the batch resolved to): one pipeline call, each video's noise
     from its own CPU generator (a video does not depend on the batch it ran in)."""
     prompts, negatives = _prompts(videos)
-    frames = pipe(
-        prompts, height=cfg.height, width=cfg.width, num_frames=cfg.num_frames, num_inference_steps=cfg.steps,
-        guidance_scale=guidance, negative_prompt=negatives, eta=cfg.eta, generator=generators, output_type="np",
-    ).frames  # b f h w 3 in [0, 1]
+    kw = dict(height=cfg.height, width=cfg.width, num_frames=cfg.num_frames, num_inference_steps=cfg.steps,
+              guidance_scale=guidance, eta=cfg.eta)
+    if cfg.clips > 1:  # one chained video at a time, each clip continuing the last
+        frames = np.stack([pipe.generate_continued(v.prompt, cfg.clips, cfg.clip_overlap, generator=g,
+                                                   negative_prompt=v.negative_prompt, **kw)
+                           for v, g in zip(videos, generators)])
+    else:
+        from PIL import Image
+
+        pins = {k: Image.open(getattr(cfg, k)).convert("RGB") for k in ("image", "last_image") if getattr(cfg, k)}
+        frames = pipe(prompts, negative_prompt=negatives, generator=generators, output_type="np", loop=cfg.loop,
+                      image_strength=cfg.image_strength, **pins, **kw).frames  # b f h w 3 in [0, 1]
     resolved = {"num_frames": frames.shape[1], "height": frames.shape[2], "width": frames.shape[3],
                 "guidance": guidance, "spacing": pipe.scheduler.config.timestep_spacing}
     return list(frames), resolved

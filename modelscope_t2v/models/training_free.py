@@ -88,19 +88,19 @@ class FrameWindows:
         low = [0.01] * (mid - 1) + ([float(mid)] if n % 2 == 0 else [])
         return low + [float(v) for v in range(mid, 0, -1)]
 
-    def fuse(self, fn: Callable[[Tensor], Tensor], h: Tensor, dim: int = 1) -> Tensor:
-        """fn applied to each window of `h` along `dim` (the frames), fused by the weights; fn keeps the
-        window's shape. One window (num_frames <= context_length) is fn(h) itself, bit for bit."""
+    def fuse(self, fn: Callable[[Tensor, slice], Tensor], h: Tensor, dim: int = 1) -> Tensor:
+        """fn(window, its frames as a slice) for each window of `h` along `dim` (the frames), fused by the
+        weights; fn keeps the window's shape. One window (num_frames <= context_length) is fn(h) itself."""
         num_frames = h.shape[dim]
         if num_frames <= self.context_length:
-            return fn(h)
+            return fn(h, slice(0, num_frames))
         view = [1] * h.ndim
         view[dim] = self.context_length
         weights = torch.tensor(self.weights(), device=h.device, dtype=torch.float32).view(view)  # 1 .. l .. 1
         total = torch.zeros(h.shape, device=h.device, dtype=torch.float32)
         count = torch.zeros([num_frames if d == dim else 1 for d in range(h.ndim)], device=h.device)
         for start, end in self.windows(num_frames):
-            total.narrow(dim, start, end - start).add_(fn(h.narrow(dim, start, end - start)).float() * weights)
+            total.narrow(dim, start, end - start).add_(fn(h.narrow(dim, start, end - start), slice(start, end)).float() * weights)
             count.narrow(dim, start, end - start).add_(weights)
         return (total / count).to(h.dtype)
 

@@ -279,7 +279,7 @@ class TransformerBlock(nn.Module):
         if windows is None:
             x = self._attend(x, context)  # n l c
         else:  # FreeNoise: the attentions over windows of the l frames, fused; the feed-forward on the whole
-            x = windows.fuse(lambda w: self._attend(w, context), x)  # n l c
+            x = windows.fuse(lambda w, _: self._attend(w, context), x)  # n l c
         return x + self._feed_forward(self.ff_norm(x))  # n l c
 
     def _attend(self, x: Tensor, context: Tensor | None) -> Tensor:

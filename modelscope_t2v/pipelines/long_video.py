@@ -188,25 +188,10 @@ class LongVideoMethods:
         windows = self._sliding_windows
         if windows is None or x.shape[2] <= windows.context_length:
             return unet_call(x, context)
-        positions = torch.arange(x.shape[2], device=x.device)
+        return windows.fuse(lambda xw, frames: unet_call(xw, context if context.ndim == 3 else context[:, frames]), x, dim=2)
 
-        def window(xw: torch.Tensor) -> torch.Tensor:
-            return unet_call(xw, context if context.ndim == 3 else context[:, window.start:window.start + xw.shape[2]])
-
-        def run(xw):  # the window's first frame, for the context slice
-            return window(xw)
-
-        out = torch.zeros_like(x, dtype=torch.float32)
-        count = torch.zeros(x.shape[2], device=x.device)
-        weights = torch.tensor(windows.weights(), device=x.device)
-        for start, end in windows.windows(x.shape[2]):
-            window.start = start
-            out[:, :, start:end] += run(x[:, :, start:end]).float() * weights[None, None, :, None, None]
-            count[start:end] += weights
-        del positions
-        return (out / count[None, None, :, None, None]).to(x.dtype)
-
-    def _pins(self, image, last_image, loop: bool, init_video, num_init_frames, strength, height, width) -> Pins | None:
+    def _pins(self, image, last_image, loop: bool, init_video, num_init_frames, strength, height, width,
+              num_frames: int) -> Pins | None:
         """The pinned frames of a call, checked before any model runs (frame indices of the sampled clip)."""
         if loop not in (True, False):
             raise TypeError(f"loop must be True or False, got {loop!r}")
@@ -220,6 +205,8 @@ class LongVideoMethods:
             raise ValueError("num_init_frames needs init_video (the clip to continue)")
         factor = self.vae_scale_factor
         frames: dict[int, torch.Tensor] = {}
+        if (image is not None or init_video is not None) and last_image is not None and num_frames < 2:
+            raise ValueError("a first and a last pinned frame need num_frames >= 2")
         if image is not None:
             frames[0] = self.preprocess_video([as_image(image)], height, width)[:, :, 0]  # 1 c H W
         if last_image is not None:
@@ -233,6 +220,8 @@ class LongVideoMethods:
                 raise ValueError(f"init_video: one RGB video to continue, got shape {tuple(video.shape)}")
             if video.shape[2] < k:
                 raise ValueError(f"init_video has {video.shape[2]} frames; num_init_frames={k} needs at least {k}")
+            if k >= num_frames - (last_image is not None):
+                raise ValueError(f"num_init_frames: {k} pinned frames for a clip of {num_frames} frames leave none to generate")
             for j in range(k):
                 frames[j] = video[:, :, video.shape[2] - k + j]
         for x in frames.values():
@@ -242,10 +231,8 @@ class LongVideoMethods:
 
     def _pin_hook(self, pins: Pins, latents: torch.Tensor, timesteps: torch.Tensor):
         """(the starting latents with the pins applied, the after-step hook) for `latents` b c f h w."""
-        num_frames = latents.shape[2]
-        index = {(j % num_frames): x for j, x in pins.frames.items()}
-        if len(index) and max(index) >= num_frames - (1 if pins.loop else 0):
-            raise ValueError(f"num_init_frames: {max(index) + 1} pinned frames for a clip of {num_frames} frames")
+        last = latents.shape[2] - (2 if pins.loop else 1)  # the clip's last frame (a loop's extra one after it)
+        index = {(last if j == -1 else j): x for j, x in pins.frames.items()}
         means = {}
         if index:
             pixels = torch.cat(list(index.values()))  # k c H W
@@ -280,6 +267,25 @@ class LongVideoMethods:
         fresh = randn(latents.shape, generator, latents.device, torch.float32)
         lowpass = free_init_lowpass(latents.shape, fi.method, fi.order, fi.spatial_stop_frequency, fi.temporal_stop_frequency)
         return mix_frequencies(diffused, fresh, lowpass).to(latents.dtype)
+
+    def _sample_text_to_video(self, latents, context, guidance_scale, num_inference_steps: int, pins: Pins | None,
+                              denoise: dict) -> torch.Tensor:
+        """The denoising of a text-to-video call: FreeInit's iterations (one without it), each with the pins."""
+        iterations = self._free_init.num_iters if self._free_init is not None else 1
+        first_noise = latents
+        for it in range(iterations):
+            if it > 0:
+                latents = self._free_init_latents(latents, first_noise, denoise["generator"])
+            steps = self.free_init_steps(num_inference_steps, it)
+            if it > 0 or steps != num_inference_steps:
+                self.scheduler.set_timesteps(steps, device=latents.device)
+            timesteps = self.scheduler.timesteps
+            hook = None
+            if pins is not None:
+                latents, hook = self._pin_hook(pins, latents, timesteps)
+            if len(timesteps):
+                latents = self._denoise(latents, timesteps, context, guidance_scale, after_step=hook, **denoise)
+        return latents[:, :, :-1] if pins is not None and pins.loop else latents
 
     def free_init_steps(self, num_inference_steps: int, iteration: int) -> int:
         fi = self._free_init

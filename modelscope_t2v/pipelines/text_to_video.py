@@ -29,6 +29,7 @@ from ..schedulers import scheduler_from_config
 from ..video_io import VideoFrames, video_to_tensor
 from .. import lora
 from .checks import check_call, check_fits, finite_number, finite_tensor, lora_call_scale, positive_int, require_finite
+from .long_video import LongVideoMethods
 from .lora import LoraMethods
 from .placement import Placement, accelerator, cpu_precision
 
@@ -41,7 +42,7 @@ class TextToVideoSDPipelineOutput:
     frames: Any
 
 
-class TextToVideoSDPipeline(LoraMethods):
+class TextToVideoSDPipeline(LoraMethods, LongVideoMethods):
     """Text-to-video with the ModelScope space-time UNet (components as in diffusers' pipeline)."""
 
     video_to_video: ClassVar[bool] = False  # what a call without `video=` does (VideoToVideoSDPipeline: True)
@@ -387,8 +388,10 @@ class TextToVideoSDPipeline(LoraMethods):
         return context
 
     def _denoise(self, latents, timesteps, context, guidance_scale, *, eta, generator, callback, callback_steps,
-                 callback_on_step_end, callback_on_step_end_tensor_inputs, lora_scale: float = 1.0) -> torch.Tensor:
-        """Run the scheduler's sampler over `timesteps` with classifier-free guidance and the callbacks."""
+                 callback_on_step_end, callback_on_step_end_tensor_inputs, lora_scale: float = 1.0,
+                 after_step: Callable | None = None) -> torch.Tensor:
+        """Run the scheduler's sampler over `timesteps` with classifier-free guidance and the callbacks;
+        `after_step(i, x) -> x` (pinned frames) runs first after each step."""
         from tqdm.auto import tqdm
 
         unet = self.unet
@@ -402,8 +405,11 @@ class TextToVideoSDPipeline(LoraMethods):
             cond = guidance_scale_embedding(w, unet.config.timestep_cond_dim)  # b d, float32 as the references
             extra["timestep_cond"] = cond.to(latents.device, context.dtype)
 
+        def unet_call(x: torch.Tensor, ctx: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            return unet(scale_in(x, t), t, encoder_hidden_states=ctx, **extra)  # b c f h w (2b when guided)
+
         def model_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            out = unet(scale_in(x, t), t, encoder_hidden_states=context, **extra)  # b c f h w (2b when guided)
+            out = self._windowed_unet(lambda xw, ctx: unet_call(xw, ctx, t), x, context)  # sliding windows, if on
             self._require_finite(out, f"the UNet's output at step {step[0]} (t={int(t)})")
             return out
 
@@ -417,6 +423,8 @@ class TextToVideoSDPipeline(LoraMethods):
             self._require_finite(x, f"the latents after step {i} (t={int(t)}), from the {type(self.scheduler).__name__} "
                                     "update of a finite UNet output")
             step[0] = i + 1
+            new = after_step(i, x) if after_step is not None else None
+            x = x if new is None else new
             if callback is not None and i % callback_steps == 0:
                 callback(i, t, x)
             if callback_on_step_end is not None:
@@ -424,7 +432,7 @@ class TextToVideoSDPipeline(LoraMethods):
                 out = callback_on_step_end(self, i, t, {k: kwargs[k] for k in callback_on_step_end_tensor_inputs})
                 if out and "latents" in out:
                     return out["latents"]
-            return None
+            return new
 
         try:
             with self._placement.placed(unet), lora.scaled(unet, lora_scale):
@@ -496,6 +504,12 @@ class TextToVideoSDPipeline(LoraMethods):
         decode_chunk_size: int | None = None,
         video=None,
         strength: float = 0.6,
+        image=None,
+        last_image=None,
+        loop: bool = False,
+        image_strength: float = 1.0,
+        init_video=None,
+        num_init_frames: int | None = None,
     ):
         """Generate videos (diffusers 0.42's arguments and defaults: 16 frames, 50 steps, guidance_scale 9.0;
         the last six are additions; a model's generation defaults in model_index.json replace diffusers').
@@ -504,6 +518,12 @@ class TextToVideoSDPipeline(LoraMethods):
         the size is the video's. A model whose model_index.json carries
         `default_guidance_scale` (the bundled shapes model) uses that instead of either default when
         `guidance_scale` is not given.
+
+        Text-to-video only (pipelines/long_video.py): `image` starts the video from an image, `last_image` ends
+        it on one, `loop=True` makes the last frame lead back to the first, `init_video` + `num_init_frames`
+        continue a clip from its last frames (each pinned with `image_strength`); `prompt` may be a dict
+        {first frame: prompt} (prompt travel); the enable_free_noise / enable_sliding_windows / enable_freeu /
+        enable_free_init switches apply.
 
         Noise is drawn exactly as diffusers draws it: the same `torch.Generator` gives the same video.
         Video-to-video `latents`, if given, are the already-noised starting latents at the first kept
@@ -516,7 +536,13 @@ class TextToVideoSDPipeline(LoraMethods):
         if self.embedded_guidance and (negative_prompt is not None or negative_prompt_embeds is not None):
             raise ValueError("negative_prompt / negative_prompt_embeds: this UNet embeds the guidance scale "
                              "(unet.config.timestep_cond_dim) and runs no unconditional branch to put them in")
-        batch = check_call(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, num_inference_steps,
+        travel = isinstance(prompt, dict)  # prompt travel: {first frame: prompt}
+        if travel and (prompt_embeds is not None or video_to_video or not prompt):
+            raise ValueError("prompt: a dict of prompts (prompt travel) is for text-to-video, without prompt_embeds")
+        if travel and not (negative_prompt is None or isinstance(negative_prompt, str)):
+            raise ValueError("negative_prompt: with a prompt dict, one negative prompt (a string) or None")
+        batch = check_call(next(iter(prompt.values())) if travel else prompt, negative_prompt, prompt_embeds,
+                           negative_prompt_embeds, num_inference_steps,
                            guidance_scale, output_type, callback_steps, num_videos_per_prompt, decode_chunk_size,
                            text_width=self.unet.config.cross_attention_dim)
         total = batch * num_videos_per_prompt
@@ -529,6 +555,10 @@ class TextToVideoSDPipeline(LoraMethods):
         bad = set(callback_on_step_end_tensor_inputs) - {"latents", "prompt_embeds"}
         if bad:
             raise ValueError(f"callback_on_step_end_tensor_inputs: unknown names {sorted(bad)}")
+        keyframed = image is not None or last_image is not None or loop or init_video is not None
+        if video_to_video and (keyframed or num_init_frames is not None):
+            raise ValueError("image / last_image / loop / init_video are text-to-video options; video-to-video takes video=")
+        pins = None
         if video_to_video:
             for name, value in (("height", height), ("width", width), ("num_frames", num_frames)):
                 if value is not None:
@@ -546,12 +576,22 @@ class TextToVideoSDPipeline(LoraMethods):
                            factor=self.vae_scale_factor, channels=self.unet.config.in_channels, device=self._execution_device)
         else:
             shape = self._latent_shape(total, height, width, num_frames)
+            factor = self.vae_scale_factor
+            pins = self._pins(image, last_image, loop, init_video, num_init_frames, image_strength,
+                              shape[3] * factor, shape[4] * factor, shape[2])
+            if pins is not None and pins.loop:  # one frame more, tied to the first, dropped at the end
+                shape = (*shape[:2], shape[2] + 1, *shape[3:])
+            self._check_long_video(shape[2])
             if latents is not None and tuple(latents.shape) != shape:
                 raise ValueError(f"latents must have shape {shape}, got {tuple(latents.shape)}")
 
         with self.call_precision():  # half weights on a CPU: float32 for this call
-            context = self._text_conditioning(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds,
-                                              guidance_scale, num_videos_per_prompt, clip_skip)
+            if travel:
+                context = self._travel_embeddings(prompt, shape[2], self._two_branches(guidance_scale), negative_prompt,
+                                                  num_videos_per_prompt, clip_skip)
+            else:
+                context = self._text_conditioning(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds,
+                                                  guidance_scale, num_videos_per_prompt, clip_skip)
             device, dtype = self._execution_device, context.dtype
             self.scheduler.set_timesteps(num_inference_steps, device=device)
             if video_to_video:
@@ -562,17 +602,17 @@ class TextToVideoSDPipeline(LoraMethods):
                     latents = self._noised_video_latents(pixels, timesteps, total, dtype, device, generator)
                 latents = latents.to(device, dtype)
             else:
-                timesteps = self.scheduler.timesteps
                 if latents is None:
-                    latents = randn(shape, generator, device, dtype)
+                    latents = self._free_noise_latents(randn(shape, generator, device, dtype), generator)
                 latents = latents.to(device, dtype) * self.scheduler.init_noise_sigma
-            if len(timesteps):
-                latents = self._denoise(
-                    latents, timesteps, context, guidance_scale, eta=eta, generator=generator,
-                    callback=callback, callback_steps=callback_steps, callback_on_step_end=callback_on_step_end,
-                    callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
-                    lora_scale=lora_scale,
-                )
+            denoise = dict(eta=eta, generator=generator, callback=callback, callback_steps=callback_steps,
+                           callback_on_step_end=callback_on_step_end, lora_scale=lora_scale,
+                           callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs)
+            if video_to_video:
+                if len(timesteps):
+                    latents = self._denoise(latents, timesteps, context, guidance_scale, **denoise)
+            else:
+                latents = self._sample_text_to_video(latents, context, guidance_scale, num_inference_steps, pins, denoise)
             return self._finish(latents, output_type, return_dict, decode_chunk_size)
 
     _generate = __call__  # the one body; VideoToVideoSDPipeline.__call__ reaches it in diffusers' argument order

@@ -1,0 +1,159 @@
+"""Measuring long videos, image-to-video, continuation and loops on the shapes world (evaluate.py --long).
+
+- windows: each non-overlapping 16-frame window read back (eval.shapes.read_video): colour and shape as
+  the prompt says;
+- jumps: the object's centroid step from frame to frame; the largest step over the median step (a smooth
+  motion is near 1; a jump or a vanished object is large), and the same at given joins (continuation);
+- image-to-video: the PSNR of the first frame against the image, beside the autoencoder's own
+  reconstruction of that image, and the direction over the clip;
+- loops: the mean absolute difference between the last and first frames over the median difference of
+  consecutive frames (a closed loop is about 1).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from ..data.shapes import parse_shapes_caption, render_shape_clip
+from . import shapes as se
+
+WINDOW = 16
+
+
+def centroids(video) -> np.ndarray:
+    """(f, 2) foreground centroids (x, y) in frame fractions; NaN for a frame without an object."""
+    x = se._as_float_frames(video)
+    f, h, w, _ = x.shape
+    mask = x.max(axis=-1) > se.FOREGROUND_THRESHOLD
+    out = np.full((f, 2), np.nan)
+    for i in range(f):
+        ys, xs = np.nonzero(mask[i])
+        if len(ys) >= se.MIN_PIXELS:
+            out[i] = xs.mean() / w, ys.mean() / h
+    return out
+
+
+def steps(video) -> np.ndarray:
+    """(f - 1,) centroid steps; inf where a frame has no object (a vanished object is a jump)."""
+    c = centroids(video)
+    d = np.linalg.norm(np.diff(c, axis=0), axis=1)
+    return np.where(np.isnan(d), np.inf, d)
+
+
+def jump_ratio(video, at: Sequence[int] | None = None) -> float:
+    """max step (over all, or over the steps into frames `at`) / median step."""
+    d = steps(video)
+    median = float(np.median(d[np.isfinite(d)])) if np.isfinite(d).any() else float("nan")
+    picked = d if at is None else d[[i - 1 for i in at]]
+    return float(np.max(picked)) / max(median, 1e-6)
+
+
+def window_scores(video, prompt: str, length: int = WINDOW) -> list[dict[str, bool]]:
+    """Colour and shape (and all both) of each non-overlapping `length`-frame window."""
+    out = []
+    for start in range(0, len(video) - length + 1, length):
+        s = se.score(prompt, se.read_video(video[start:start + length]))
+        out.append({"color": s["color"], "shape": s["shape"], "both": s["color"] and s["shape"]})
+    return out
+
+
+def psnr(a, b) -> float:
+    """PSNR in dB of two frames (h, w, 3) in [0, 1]."""
+    mse = float(np.mean((np.asarray(a, np.float64) - np.asarray(b, np.float64)) ** 2))
+    return float("inf") if mse == 0 else 10 * np.log10(1.0 / mse)
+
+
+def loop_gap(video) -> float:
+    """MAE(last, first) / median MAE of consecutive frames."""
+    x = se._as_float_frames(video)
+    consecutive = np.abs(np.diff(x, axis=0)).mean(axis=(1, 2, 3))
+    return float(np.abs(x[-1] - x[0]).mean() / max(np.median(consecutive), 1e-6))
+
+
+def rendered_first_frame(prompt: str, seed: int, size: int = 64) -> np.ndarray:
+    """The first frame (h, w, 3 uint8) of the shapes renderer's clip for `prompt`: the start image."""
+    color, shape, direction = parse_shapes_caption(prompt)
+    clip = render_shape_clip(color, shape, direction, seed=seed, size=size)  # c f h w in [-1, 1]
+    return ((clip[:, 0].permute(1, 2, 0).numpy() + 1) * 127.5).round().clip(0, 255).astype(np.uint8)
+
+
+@dataclass
+class LongResult:
+    mode: str
+    num_frames: int
+    videos: int
+    seconds: float
+    window_color: float = float("nan")
+    window_shape: float = float("nan")
+    window_both: float = float("nan")
+    windows: int = 0
+    jump_max: float = float("nan")  # the largest max/median step ratio over the videos
+    jump_within_2x: float = float("nan")  # fraction of videos whose ratio is <= 2
+    extra: dict = field(default_factory=dict)
+
+
+def measure(pipe, pairs: Sequence[tuple[str, int]], mode: str, num_frames: int, *, steps_: int, guidance: float,
+            overlap: int = 4) -> tuple[LongResult, list[np.ndarray]]:
+    """Generate one video per (prompt, seed) pair in `mode` and read them back (module docstring). Modes:
+    plain | free-noise | sliding (num_frames long); i2v (16 frames from the renderer's first frame);
+    continue (clips of 16 continuing `overlap` frames, num_frames long in all); loop (16 frames, loop=True)."""
+    videos, extra = [], {}
+    t0 = time.perf_counter()
+    kw = dict(num_inference_steps=steps_, guidance_scale=guidance, output_type="np")
+    psnrs, recon = [], []
+    for prompt, seed in pairs:
+        g = torch.Generator().manual_seed(seed)
+        if mode in ("plain", "free-noise", "sliding"):
+            v = pipe(prompt, num_frames=num_frames, generator=g, **kw).frames[0]
+        elif mode == "i2v":
+            image = rendered_first_frame(prompt, seed)
+            v = pipe(prompt, image=image, generator=g, **kw).frames[0]
+            psnrs.append(psnr(v[0], image / 255.0))
+            recon.append(psnr(_reconstruct(pipe, image), image / 255.0))
+        elif mode == "continue":
+            clips = max(1, -(-(num_frames - WINDOW) // (WINDOW - overlap)) + 1)
+            v = pipe.generate_continued(prompt, clips, num_init_frames=overlap, generator=g,
+                                        num_inference_steps=steps_, guidance_scale=guidance)
+        elif mode == "loop":
+            v = pipe(prompt, loop=True, generator=g, **kw).frames[0]
+        else:
+            raise ValueError(f"mode {mode!r}: plain, free-noise, sliding, i2v, continue or loop")
+        videos.append(np.asarray(v))
+    seconds = time.perf_counter() - t0
+    r = LongResult(mode, len(videos[0]), len(videos), seconds)
+    scores = [s for (p, _), v in zip(pairs, videos) for s in window_scores(v, p)]
+    if scores:
+        r.windows = len(scores)
+        r.window_color, r.window_shape, r.window_both = (float(np.mean([s[k] for s in scores])) for k in ("color", "shape", "both"))
+    joins = None
+    if mode == "continue":
+        joins = list(range(WINDOW, len(videos[0]), WINDOW - overlap))
+        extra["join_ratio_max"] = max(jump_ratio(v, joins) for v in videos)
+        extra["joins_within_2x"] = float(np.mean([jump_ratio(v, joins) <= 2 for v in videos]))
+    ratios = [jump_ratio(v) for v in videos]
+    r.jump_max, r.jump_within_2x = float(np.max(ratios)), float(np.mean([x <= 2 for x in ratios]))
+    if mode in ("i2v", "loop", "continue") or num_frames <= WINDOW:
+        readings = [se.score(p, se.read_video(v[:WINDOW] if mode != "continue" else v)) for (p, _), v in zip(pairs, videos)]
+        extra["direction"] = float(np.mean([s.get("direction", False) for s in readings]))
+    if mode == "i2v":
+        extra["first_frame_psnr_min"], extra["first_frame_psnr_mean"] = float(np.min(psnrs)), float(np.mean(psnrs))
+        extra["autoencoder_psnr_mean"] = float(np.mean(recon))
+        extra["first_frame_within_1db_of_autoencoder"] = float(np.mean([a >= b - 1 for a, b in zip(psnrs, recon)]))
+    if mode == "loop":
+        gaps = [loop_gap(v) for v in videos]
+        extra["loop_gap_median"], extra["loop_gap_max"] = float(np.median(gaps)), float(np.max(gaps))
+    r.extra = extra
+    return r, videos
+
+
+@torch.no_grad()
+def _reconstruct(pipe, image: np.ndarray) -> np.ndarray:
+    """The autoencoder's own reconstruction of `image` (its posterior mean decoded), h w 3 in [0, 1]."""
+    x = pipe.preprocess_video([image])[:, :, 0]  # 1 3 h w
+    z = pipe.vae.encode(x.to(pipe.vae.dtype)).mode()
+    return ((pipe.vae.decode(z)[0].permute(1, 2, 0).float().numpy() + 1) / 2).clip(0, 1)

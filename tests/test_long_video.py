@@ -1,0 +1,311 @@
+"""Long videos and pinned frames (issue 14): FreeU, FreeNoise (windows, weights, noise rescheduling, the
+windowed block), FreeInit's filter against diffusers; the pipeline switches equal to plain sampling where
+they must be; image-to-video, last keyframe, loops, continuation; prompt travel; bad input."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from modelscope_t2v.diffusion.noise import free_init_lowpass, mix_frequencies, randn
+from modelscope_t2v.models.training_free import FrameWindows, shuffled_context_noise
+from modelscope_t2v.models.unet import TransformerBlock
+from modelscope_t2v.pipelines import TextToVideoSDPipeline
+from refs import max_diff, perturb_
+from test_unet import TINY, _diffusers_pair, _inputs
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    p = TextToVideoSDPipeline.from_preset("tiny", seed=0)
+    p.set_progress_bar_config(disable=True)
+    return p
+
+
+def _run(pipe, prompt="a red circle", seed=0, **kw):
+    kw.setdefault("num_inference_steps", 3)
+    kw.setdefault("num_frames", 8)
+    return pipe(prompt, generator=torch.Generator().manual_seed(seed), output_type="np", **kw).frames
+
+
+# ---------------------------------------------------------------------------------------------------
+# Parity with diffusers' pieces.
+
+
+@pytest.mark.parametrize("freeu", [(0.9, 0.2, 1.2, 1.4), (0.5, 0.7, 1.5, 0.8)])
+def test_freeu_equals_diffusers_unet3d_enable_freeu(freeu):
+    ref, ours = _diffusers_pair(TINY)
+    x, t, ctx = _inputs(TINY, frames=3, size=(16, 16))
+    ours.enable_freeu(*freeu)
+    ref.enable_freeu(*freeu)
+    with torch.no_grad():
+        a, b = ours(x, t, ctx), ref(x, t, encoder_hidden_states=ctx).sample
+        ours.disable_freeu()
+        plain = ours(x, t, ctx)
+    assert max_diff(a, b) <= 1e-5 and max_diff(a, plain) > 1e-2  # FreeU changes the output, as diffusers'
+    with pytest.raises(ValueError, match="s1 must be a finite number"):
+        ours.enable_freeu(float("nan"), 0.2, 1.2, 1.4)
+
+
+@pytest.mark.parametrize("length, stride, frames", [(16, 4, 48), (16, 4, 64), (16, 4, 25), (5, 2, 13), (4, 4, 20)])
+def test_frame_windows_and_weights_are_diffusers_freenoise(length, stride, frames):
+    from diffusers.models.attention import FreeNoiseTransformerBlock
+
+    block = FreeNoiseTransformerBlock.__new__(FreeNoiseTransformerBlock)  # only its index/weight helpers
+    block.context_length, block.context_stride = length, stride
+    expected = block._get_frame_indices(frames)
+    if expected[-1][1] != frames:  # diffusers appends this window in forward
+        expected.append((frames - length, frames))
+    for scheme in ("flat", "pyramid", "delayed_reverse_sawtooth"):
+        windows = FrameWindows(length, stride, scheme)
+        assert windows.windows(frames) == expected
+        if not (scheme == "delayed_reverse_sawtooth" and length % 2):  # diffusers' odd sawtooth has length + 1 weights
+            assert windows.weights() == block._get_frame_weights(length, scheme)
+    assert FrameWindows(5, 2, "delayed_reverse_sawtooth").weights() == [0.01, 0.01, 3.0, 2.0, 1.0]  # its docstring's
+
+
+def test_windowed_temporal_block_equals_diffusers_freenoise_block():
+    """Our temporal TransformerBlock over windows against diffusers' FreeNoiseTransformerBlock with the same
+    weights (two self-attentions, GEGLU), 24 frames in windows of 8 every 4."""
+    from diffusers.models.attention import FreeNoiseTransformerBlock
+
+    ref = perturb_(FreeNoiseTransformerBlock(16, 2, 8, double_self_attention=True, context_length=8, context_stride=4,
+                                             weighting_scheme="pyramid"), 3).eval()
+    ours = TransformerBlock(16, 2, 8, context_dim=None).eval()
+    names = {"self_attn_norm": ref.norm1, "cross_attn_norm": ref.norm2, "ff_norm": ref.norm3}
+    for ours_name, module in names.items():
+        getattr(ours, ours_name).load_state_dict(module.state_dict())
+    for mine, theirs in ((ours.self_attn, ref.attn1), (ours.cross_attn, ref.attn2)):
+        mine.q_proj.weight.data.copy_(theirs.to_q.weight)
+        mine.k_proj.weight.data.copy_(theirs.to_k.weight)
+        mine.v_proj.weight.data.copy_(theirs.to_v.weight)
+        mine.out_proj.load_state_dict(theirs.to_out[0].state_dict())
+    ours.ff.proj_in.load_state_dict(ref.ff.net[0].proj.state_dict())
+    ours.ff.proj_out.load_state_dict(ref.ff.net[2].state_dict())
+    h = torch.randn(6, 24, 16, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        a = ours(h, windows=FrameWindows(8, 4, "pyramid"))
+        b = ref(h)
+        whole = ours(h)
+    assert max_diff(a, b) <= 1e-5 and max_diff(a, whole) > 1e-3
+
+
+def test_noise_rescheduling_equals_diffusers_shuffle_context():
+    from diffusers.pipelines.free_noise_utils import AnimateDiffFreeNoiseMixin
+
+    stub = AnimateDiffFreeNoiseMixin()
+    stub.vae_scale_factor = 8
+    for frames, length, stride in ((48, 16, 4), (30, 16, 4), (21, 8, 3)):
+        stub._free_noise_context_length, stub._free_noise_context_stride = length, stride
+        stub._free_noise_noise_type = "shuffle_context"
+        ref = stub._prepare_latents_free_noise(2, 4, frames, 16, 16, torch.float32, torch.device("cpu"),
+                                               torch.Generator().manual_seed(5))
+        g = torch.Generator().manual_seed(5)
+        ours = shuffled_context_noise(randn((2, 4, frames, 2, 2), g), FrameWindows(length, stride), g)
+        assert torch.equal(ours, ref), (frames, length, stride)
+        # every window's noise is a permutation of the first window's frames
+        first = {tuple(v.flatten().tolist()) for v in ours[0, :, :length].permute(1, 0, 2, 3)}
+        assert {tuple(v.flatten().tolist()) for v in ours[0, :, frames - length:].permute(1, 0, 2, 3)} <= first
+
+
+def test_free_init_filter_and_mix_equal_diffusers():
+    from diffusers.pipelines.free_init_utils import FreeInitMixin
+
+    mixin = FreeInitMixin()
+    shape = (1, 4, 6, 8, 10)
+    x, noise = torch.randn(shape), torch.randn(shape)
+    for method in ("butterworth", "gaussian", "ideal"):
+        for ds, dt in ((0.25, 0.25), (0.4, 0.1)):
+            ref = mixin._get_free_init_freq_filter(shape, "cpu", method, 4, ds, dt)
+            ours = free_init_lowpass(shape, method, 4, ds, dt)
+            assert torch.equal(ref[0, 0], ours)
+            assert max_diff(mixin._apply_freq_filter(x, noise, ref), mix_frequencies(x, noise, ours)) <= 1e-6
+
+
+# ---------------------------------------------------------------------------------------------------
+# The pipeline switches.
+
+
+def test_switches_equal_plain_sampling_where_they_must(pipe):
+    plain = _run(pipe)
+    pipe.enable_free_noise(context_length=8)  # one window: nothing changes, bit for bit
+    assert np.array_equal(_run(pipe), plain)
+    pipe.disable_free_noise()
+    pipe.enable_sliding_windows(context_length=8)
+    assert np.array_equal(_run(pipe), plain)
+    pipe.disable_sliding_windows()
+    pipe.enable_free_init(num_iters=1)
+    assert np.array_equal(_run(pipe), plain)
+    pipe.disable_free_init()
+    assert np.array_equal(_run(pipe, prompt={0: "a red circle"}), plain)  # a one-entry prompt travel
+    assert np.array_equal(_run(pipe), plain)  # every switch is off again
+
+
+def test_free_noise_and_sliding_windows_on_a_long_video(pipe):
+    plain = _run(pipe, num_frames=20)
+    pipe.enable_free_noise(context_length=8, context_stride=4)
+    try:
+        free = _run(pipe, num_frames=20)
+        travel = _run(pipe, prompt={0: "a red circle", 10: "a blue square"}, num_frames=20)
+    finally:
+        pipe.disable_free_noise()
+    pipe.enable_sliding_windows(context_length=8, context_stride=4)
+    try:
+        sliding = _run(pipe, num_frames=20)
+    finally:
+        pipe.disable_sliding_windows()
+    for v in (free, travel, sliding):
+        assert v.shape == plain.shape and np.isfinite(v).all() and np.abs(v - plain).mean() > 1e-3
+    assert np.abs(travel - free).mean() > 1e-4  # the second prompt reached the frames after 10
+
+
+def test_sliding_windows_average_the_windows_predictions(pipe):
+    pipe.enable_sliding_windows(context_length=4, context_stride=2, weighting_scheme="pyramid")
+    try:
+        x = torch.randn(1, 4, 10, 2, 2)
+        calls = []
+
+        def unet_call(xw, ctx):
+            calls.append(xw.shape[2])
+            return xw * 2 + ctx.mean()
+
+        out = pipe._windowed_unet(unet_call, x, torch.ones(1, 3, 5))
+    finally:
+        pipe.disable_sliding_windows()
+    assert calls == [4, 4, 4, 4] and torch.allclose(out, x * 2 + 1, atol=1e-6)  # windows (0,4) (2,6) (4,8) (6,10)
+
+
+def test_prompt_travel_interpolates_between_keyframes(pipe):
+    ctx = pipe._travel_embeddings({0: "a red circle", 6: "a blue square"}, 10, False, None, 1, None)
+    a, _ = pipe.encode_prompt(["a red circle"], "cpu", 1, False)
+    b, _ = pipe.encode_prompt(["a blue square"], "cpu", 1, False)
+    assert ctx.shape == (1, 10, *a.shape[1:])
+    assert torch.allclose(ctx[0, 0], a[0]) and torch.allclose(ctx[0, 6], b[0]) and torch.allclose(ctx[0, 9], b[0])
+    assert torch.allclose(ctx[0, 3], (a[0] + b[0]) / 2, atol=1e-6)
+    guided = pipe._travel_embeddings({2: "a red circle"}, 4, True, None, 2, None)
+    assert guided.shape[:2] == (4, 4) and torch.allclose(guided[2, 0], a[0])  # uncond first, the first prompt from 0
+
+
+def test_free_init_runs_its_iterations_and_fast_sampling_steps(pipe):
+    steps = []
+    pipe.enable_free_init(num_iters=3, use_fast_sampling=True)
+    try:
+        out = _run(pipe, num_inference_steps=6, callback=lambda i, t, x: steps.append(int(t)))
+        assert [pipe.free_init_steps(6, i) for i in range(3)] == [2, 4, 6] and len(steps) == 12
+    finally:
+        pipe.disable_free_init()
+    assert np.isfinite(out).all() and np.abs(out - _run(pipe, num_inference_steps=6)).mean() > 1e-4
+
+
+# ---------------------------------------------------------------------------------------------------
+# Pinned frames.
+
+
+def _decoded_mean(pipe, frames, size: int | None = None) -> np.ndarray:
+    """What a pinned frame ends as: the autoencoder's posterior mean, decoded."""
+    x = pipe.preprocess_video(list(frames), size, size)  # 1 3 f h w
+    z = pipe.vae.encode(x[0].permute(1, 0, 2, 3)).mode()
+    return ((pipe.vae.decode(z).permute(0, 2, 3, 1).detach().numpy() + 1) / 2).clip(0, 1)
+
+
+def test_image_to_video_last_image_and_continuation_pin_their_frames(pipe):
+    from PIL import Image
+
+    plain = _run(pipe)[0]
+    size = plain.shape[1]  # the tiny preset's frames are size x size
+    rng = np.random.default_rng(0)
+    first, last = (rng.integers(0, 256, (size, size, 3), dtype=np.uint8) for _ in range(2))
+    small = Image.fromarray(first).resize((size // 2, size // 2))
+    v = _run(pipe, image=small, last_image=torch.from_numpy(last).permute(2, 0, 1))[0]
+    # the image is resized to the video's size as video inputs are; the pins end as their means, exactly
+    assert np.allclose(v[0], _decoded_mean(pipe, [small], size)[0], atol=1e-5)
+    assert np.allclose(v[-1], _decoded_mean(pipe, [last])[0], atol=1e-5)
+    assert np.abs(v[1:-1] - plain[1:-1]).mean() > 1e-4  # the rest was denoised around them
+    clip = (plain * 255).round().astype(np.uint8)
+    cont = _run(pipe, init_video=clip, num_init_frames=3)[0]
+    assert np.allclose(cont[:3], _decoded_mean(pipe, clip[-3:]), atol=1e-5)
+    soft = _run(pipe, image=first, image_strength=0.5)[0]
+    assert not np.allclose(soft[0], v[0], atol=1e-3)  # a partial pin is not the image
+
+
+def test_loop_ties_an_extra_last_frame_to_the_first(pipe):
+    seen = []
+
+    def watch(p, i, t, kw):
+        seen.append(kw["latents"].clone())
+        return {}
+
+    v = _run(pipe, loop=True, callback_on_step_end=watch)
+    assert v.shape[1] == 8 and len(seen) == 3
+    assert all(s.shape[2] == 9 and torch.equal(s[:, :, -1], s[:, :, 0]) for s in seen)
+
+
+def test_generate_continued_chains_clips(pipe):
+    long = pipe.generate_continued("a red circle", num_clips=3, num_init_frames=2, num_frames=6,
+                                   num_inference_steps=2, generator=torch.Generator().manual_seed(0))
+    assert long.shape[0] == 6 + 4 + 4 and long.shape[3] == 3 and np.isfinite(long).all()
+
+
+@pytest.mark.parametrize("call, error, message", [
+    (dict(image="frame.png"), TypeError, "image must be a PIL image"),
+    (dict(image=np.zeros((4, 4)), num_frames=8), TypeError, "image must be a PIL image"),
+    (dict(loop=True, last_image=np.zeros((8, 8, 3), np.uint8)), ValueError, "cannot also take a last_image"),
+    (dict(image=np.zeros((8, 8, 3), np.uint8), image_strength=2), ValueError, "image_strength must be in"),
+    (dict(num_init_frames=2), ValueError, "num_init_frames needs init_video"),
+    (dict(init_video=np.zeros((2, 16, 16, 3), np.uint8), num_init_frames=3), ValueError, "needs at least 3"),
+    (dict(init_video=np.zeros((9, 16, 16, 3), np.uint8), num_init_frames=8), ValueError, "8 pinned frames for a clip of 8 frames leave none"),
+    (dict(image=np.zeros((8, 8, 3), np.uint8), video=np.zeros((8, 16, 16, 3), np.uint8)), ValueError, "text-to-video options"),
+])
+def test_bad_pins_are_refused_before_work(pipe, call, error, message):
+    with pytest.raises(error, match=message):
+        _run(pipe, **call)
+
+
+def test_bad_long_video_settings_are_refused(pipe):
+    with pytest.raises(ValueError, match="context_stride must be a positive int"):
+        pipe.enable_free_noise(context_stride=0)
+    with pytest.raises(ValueError, match="context_stride .* must be <= context_length"):
+        pipe.enable_free_noise(context_length=4, context_stride=6)
+    with pytest.raises(ValueError, match="weighting_scheme must be one of"):
+        pipe.enable_sliding_windows(weighting_scheme="gauss")
+    with pytest.raises(ValueError, match="noise_type must be one of"):
+        pipe.enable_free_noise(noise_type="fresh")
+    with pytest.raises(ValueError, match="method must be one of"):
+        pipe.enable_free_init(method="box")
+    pipe.enable_free_noise(context_length=16)
+    try:
+        with pytest.raises(ValueError, match="context_length 16 is longer than the video \\(8 frames\\)"):
+            _run(pipe)
+    finally:
+        pipe.disable_free_noise()
+    with pytest.raises(ValueError, match="integer frame indices in \\[0, 8\\)"):
+        _run(pipe, prompt={9: "a red circle"})
+
+
+def test_sample_py_image_to_video_loops_and_chained_clips(tmp_path):
+    import sys
+    from pathlib import Path
+
+    from PIL import Image
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    import sample
+    from modelscope_t2v.data.decode import read_all_frames
+
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (24, 24, 3), dtype=np.uint8)).save(tmp_path / "start.png")
+    base = dict(prompt="a red circle", model="tiny", steps=2, num_frames=6, progress=False, device="cpu")
+    with pytest.raises(ValueError, match="windows of 16 frames; num_frames=6 is shorter"):
+        sample.generate({**base, "free_noise": True, "out": str(tmp_path / "a.mp4")})
+    out = sample.generate({**base, "num_frames": 20, "image": str(tmp_path / "start.png"), "free_noise": True,
+                           "out": str(tmp_path / "a.mp4")})
+    assert read_all_frames(out).shape[0] == 20
+    out = sample.generate({**base, "loop": True, "freeu": [0.9, 0.2, 1.2, 1.4], "out": str(tmp_path / "b.mp4")})
+    assert read_all_frames(out).shape[0] == 6
+    out = sample.generate({**base, "clips": 3, "clip_overlap": 2, "out": str(tmp_path / "c.mp4")})
+    assert read_all_frames(out).shape[0] == 6 + 4 + 4
+    (tmp_path / "notes.png").write_text("not an image")
+    with pytest.raises(ValueError, match="image: .*notes.png' is not an image file"):
+        sample.generate({**base, "image": str(tmp_path / "notes.png"), "out": str(tmp_path / "d.mp4")})
+    with pytest.raises(ValueError, match="cannot also take last_image"):
+        sample.generate({**base, "loop": True, "last_image": str(tmp_path / "start.png"), "out": str(tmp_path / "e.mp4")})
