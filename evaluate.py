@@ -120,9 +120,10 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--no-progress", action="store_true", help="no progress bars")
     lv = p.add_argument_group("long videos, image-to-video, continuation, loops (docs/long_video.md)")
     lv.add_argument("--long", nargs="+", default=[], metavar="MODE",
-                    choices=("plain", "free-noise", "sliding", "i2v", "continue", "loop"),
-                    help="measure these modes with the first --settings (plain, free-noise, sliding at each "
-                         "--frames; continue at each --frames; i2v and loop at 16 frames)")
+                    choices=("plain", "free-noise", "free-noise-random", "sliding", "i2v", "continue", "loop"),
+                    help="measure these modes with the first --settings (plain, free-noise, free-noise-random "
+                         "(windowed attention, the plain noise), sliding and continue at each --frames; i2v and "
+                         "loop at 16 frames)")
     lv.add_argument("--frames", nargs="+", type=int, default=[48, 64], help="lengths for --long (default 48 64)")
     p.add_argument("--batch-size", type=int, default=12)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
@@ -300,15 +301,19 @@ def run_long(args: argparse.Namespace) -> list[dict]:
     pairs = se.prompt_seed_pairs(args.pairs, args.seed0)
     rows = []
     for mode in args.long:
-        for frames in (args.frames if mode in ("plain", "free-noise", "sliding", "continue") else [16]):
+        for frames in (args.frames if mode not in ("i2v", "loop") else [16]):
             pipe.disable_free_noise()
             pipe.disable_sliding_windows()
             if mode == "free-noise":
                 pipe.enable_free_noise()
+            elif mode == "free-noise-random":
+                pipe.enable_free_noise(noise_type="random")
             elif mode == "sliding":
                 pipe.enable_sliding_windows()
             print(f"{mode} at {frames} frames on {len(pairs)} pairs ...", file=sys.stderr, flush=True)
-            result, videos = lv.measure(pipe, pairs, mode, frames, steps_=steps, guidance=guidance)
+            result, videos = lv.measure(pipe, pairs, "plain" if mode.startswith("free-noise") else mode, frames,
+                                        steps_=steps, guidance=guidance)
+            result.mode = mode
             rows.append({"sampler": sampler, "steps": steps, **asdict(result)})
             if args.videos is not None:
                 for (p, s), v in zip(pairs, videos):

@@ -111,6 +111,7 @@ class SampleConfig:
     last_image: Optional[str] = None  # an image file the video ends on
     loop: bool = False  # the last frame leads back to the first
     image_strength: float = 1.0  # how hard image / last_image are held (1: exactly their frames)
+    pin_noise: float = 0.6  # pinned frames are re-noised to this fraction of the current timestep
     clips: int = 1  # > 1: that many clips of num_frames, each continuing the last clip_overlap frames of the one before
     clip_overlap: int = 4
     free_noise: bool = False  # FreeNoise: windowed temporal attention, rescheduled noise (context 16, stride 4)
@@ -272,6 +273,7 @@ def _check_long(cfg: SampleConfig) -> None:
     if cfg.loop and cfg.last_image is not None:
         raise ValueError("loop=true ties the last frame to the first: it cannot also take last_image")
     _finite("image_strength", cfg.image_strength, low=0.0, high=1.0)
+    _finite("pin_noise", cfg.pin_noise, low=0.0, high=1.0)
     _positive_int("clips", cfg.clips)
     _positive_int("clip_overlap", cfg.clip_overlap)
     if cfg.clips > 1 and (cfg.image is not None or cfg.last_image is not None or cfg.loop):
@@ -373,7 +375,7 @@ def resize_frames(frames, width: int, height: int):
 def _request(cfg: SampleConfig) -> dict[str, Any]:
     """The settings that decide a video besides its prompt and seed (a sidecar's key to resume by)."""
     keep = ("model", "sampler", "steps", "guidance", "spacing", "eta", "num_frames", "height", "width", "fps",
-            "dtype", "image", "last_image", "loop", "image_strength", "clips", "clip_overlap", "free_noise",
+            "dtype", "image", "last_image", "loop", "image_strength", "pin_noise", "clips", "clip_overlap", "free_noise",
             "sliding_windows", "freeu", "free_init")
     up = dataclasses.asdict(cfg.upscale) if cfg.upscale.model is not None else None
     pairs = loras(cfg)
@@ -525,14 +527,14 @@ def _first_pass(cfg: SampleConfig, pipe, guidance: float, videos: list[jobs.Vide
               guidance_scale=guidance, eta=cfg.eta)
     if cfg.clips > 1:  # one chained video at a time, each clip continuing the last
         frames = np.stack([pipe.generate_continued(v.prompt, cfg.clips, cfg.clip_overlap, generator=g,
-                                                   negative_prompt=v.negative_prompt, **kw)
+                                                   negative_prompt=v.negative_prompt, pin_noise=cfg.pin_noise, **kw)
                            for v, g in zip(videos, generators)])
     else:
         from PIL import Image
 
         pins = {k: Image.open(getattr(cfg, k)).convert("RGB") for k in ("image", "last_image") if getattr(cfg, k)}
         frames = pipe(prompts, negative_prompt=negatives, generator=generators, output_type="np", loop=cfg.loop,
-                      image_strength=cfg.image_strength, **pins, **kw).frames  # b f h w 3 in [0, 1]
+                      image_strength=cfg.image_strength, pin_noise=cfg.pin_noise, **pins, **kw).frames  # b f h w 3
     resolved = {"num_frames": frames.shape[1], "height": frames.shape[2], "width": frames.shape[3],
                 "guidance": guidance, "spacing": pipe.scheduler.config.timestep_spacing}
     return list(frames), resolved

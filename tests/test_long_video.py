@@ -227,6 +227,11 @@ def test_image_to_video_last_image_and_continuation_pin_their_frames(pipe):
     assert np.allclose(cont[:3], _decoded_mean(pipe, clip[-3:]), atol=1e-5)
     soft = _run(pipe, image=first, image_strength=0.5)[0]
     assert not np.allclose(soft[0], v[0], atol=1e-3)  # a partial pin is not the image
+    seen = {}
+    for noise in (1.0, 0.6):  # the pinned frame is re-noised to pin_noise x t: cleaner early on, the same at the end
+        out = _run(pipe, image=first, pin_noise=noise, callback=lambda i, t, x, n=noise: seen.setdefault(n, x[:, :, 0].clone()))
+        assert np.allclose(out[0, 0], _decoded_mean(pipe, [first], size)[0], atol=1e-5)
+    assert not torch.allclose(seen[1.0], seen[0.6])
 
 
 def test_loop_ties_an_extra_last_frame_to_the_first(pipe):
@@ -252,6 +257,7 @@ def test_generate_continued_chains_clips(pipe):
     (dict(image=np.zeros((4, 4)), num_frames=8), TypeError, "image must be a PIL image"),
     (dict(loop=True, last_image=np.zeros((8, 8, 3), np.uint8)), ValueError, "cannot also take a last_image"),
     (dict(image=np.zeros((8, 8, 3), np.uint8), image_strength=2), ValueError, "image_strength must be in"),
+    (dict(image=np.zeros((8, 8, 3), np.uint8), pin_noise=-0.1), ValueError, "pin_noise must be in"),
     (dict(num_init_frames=2), ValueError, "num_init_frames needs init_video"),
     (dict(init_video=np.zeros((2, 16, 16, 3), np.uint8), num_init_frames=3), ValueError, "needs at least 3"),
     (dict(init_video=np.zeros((9, 16, 16, 3), np.uint8), num_init_frames=8), ValueError, "8 pinned frames for a clip of 8 frames leave none"),

@@ -510,6 +510,7 @@ class TextToVideoSDPipeline(LoraMethods, LongVideoMethods):
         image_strength: float = 1.0,
         init_video=None,
         num_init_frames: int | None = None,
+        pin_noise: float = 0.6,
     ):
         """Generate videos (diffusers 0.42's arguments and defaults: 16 frames, 50 steps, guidance_scale 9.0;
         the last six are additions; a model's generation defaults in model_index.json replace diffusers').
@@ -521,7 +522,8 @@ class TextToVideoSDPipeline(LoraMethods, LongVideoMethods):
 
         Text-to-video only (pipelines/long_video.py): `image` starts the video from an image, `last_image` ends
         it on one, `loop=True` makes the last frame lead back to the first, `init_video` + `num_init_frames`
-        continue a clip from its last frames (each pinned with `image_strength`); `prompt` may be a dict
+        continue a clip from its last frames (each pinned with `image_strength`, re-noised to `pin_noise` times
+        the current timestep); `prompt` may be a dict
         {first frame: prompt} (prompt travel); the enable_free_noise / enable_sliding_windows / enable_freeu /
         enable_free_init switches apply.
 
@@ -578,7 +580,7 @@ class TextToVideoSDPipeline(LoraMethods, LongVideoMethods):
             shape = self._latent_shape(total, height, width, num_frames)
             factor = self.vae_scale_factor
             pins = self._pins(image, last_image, loop, init_video, num_init_frames, image_strength,
-                              shape[3] * factor, shape[4] * factor, shape[2])
+                              shape[3] * factor, shape[4] * factor, shape[2], pin_noise)
             if pins is not None and pins.loop:  # one frame more, tied to the first, dropped at the end
                 shape = (*shape[:2], shape[2] + 1, *shape[3:])
             self._check_long_video(shape[2])
