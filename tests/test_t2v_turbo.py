@@ -120,7 +120,10 @@ def test_the_release_loads_offline_and_samples_as_its_recipe(release, offline):
     ours = pipe(PROMPT, generator=torch.Generator().manual_seed(0), output_type="latent", **KW).frames
     err = max_diff(ours, _reference_latents(release, 0))
     print(f"T2V-Turbo-MS recipe, 4 steps: max|diff| of the latents = {err:.3g}")
-    assert err <= 1e-5
+    # 0 on the machine this was written on; on another CPU the merged conv_in weight came out 3.7e-9 apart
+    # (matmul kernels round differently), the UNet 1.5e-6, and 4 consistency steps (the first divides by
+    # sqrt(alpha_bar_999) = 0.068) made that 4.4e-5: the bound allows for the CPU, not for a wrong recipe
+    assert err <= 1e-4
     frames = pipe(PROMPT, generator=torch.Generator().manual_seed(0), output_type="np", **KW).frames
     assert frames.shape == (1, 3, 32, 32, 3)
 
