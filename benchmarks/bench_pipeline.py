@@ -262,6 +262,11 @@ def child_memory(impl: str, folder: Path, args) -> dict:
         pipe.enable_vae_slicing()
     else:
         pipe.vae.enable_slicing()  # diffusers 0.42: pipe.enable_vae_slicing() is gone
+    return extra_peak(lambda: generate(pipe, args.mem_frames, args.size, args.mem_steps))
+
+
+def extra_peak(run) -> dict:
+    """The resident memory's high-water mark during run() minus the resident memory before it."""
     gc.collect()
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)  # hand freed loading buffers back: a clean baseline
@@ -272,7 +277,7 @@ def child_memory(impl: str, folder: Path, args) -> dict:
     sampler = None if exact else _RssSampler()
     if sampler:
         sampler.start()
-    generate(pipe, args.mem_frames, args.size, args.mem_steps)
+    run()
     if sampler:
         sampler.running = False
         sampler.join()

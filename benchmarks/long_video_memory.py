@@ -9,8 +9,6 @@ before it (bench_pipeline.py's measurement).
 from __future__ import annotations
 
 import argparse
-import ctypes
-import gc
 import json
 import subprocess
 import sys
@@ -25,7 +23,7 @@ MODES = ("plain", "free-noise", "sliding")
 def child(mode: str, frames: int, threads: int) -> dict:
     import torch
 
-    from bench_pipeline import _RssSampler, _reset_peak, _status_kb
+    from bench_pipeline import extra_peak
     from modelscope_t2v.pipelines import TextToVideoSDPipeline
 
     torch.set_num_threads(threads)
@@ -36,23 +34,9 @@ def child(mode: str, frames: int, threads: int) -> dict:
         pipe.enable_free_noise()
     elif mode == "sliding":
         pipe.enable_sliding_windows()
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except OSError:
-        pass
-    baseline = _status_kb("VmRSS")
-    exact = _reset_peak()
-    sampler = None if exact else _RssSampler()
-    if sampler:
-        sampler.start()
-    pipe("a red circle moving left", num_frames=frames, num_inference_steps=1,
-         generator=torch.Generator().manual_seed(0), output_type="np")
-    if sampler:
-        sampler.running = False
-        sampler.join()
-    peak = _status_kb("VmHWM") if exact else sampler.peak_kb
-    return {"mode": mode, "frames": frames, "extra_mb": (peak - baseline) / 1024, "baseline_mb": baseline / 1024}
+    result = extra_peak(lambda: pipe("a red circle moving left", num_frames=frames, num_inference_steps=1,
+                                     generator=torch.Generator().manual_seed(0), output_type="np"))
+    return {"mode": mode, "frames": frames, **result}
 
 
 def main() -> int:

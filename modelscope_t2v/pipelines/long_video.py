@@ -19,7 +19,7 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
-from einops import rearrange, repeat
+from einops import repeat
 
 from ..diffusion.noise import FREE_INIT_METHODS, free_init_lowpass, mix_frequencies, randn
 from ..models.training_free import FrameWindows, shuffled_context_noise
@@ -331,4 +331,4 @@ def lerp_embeddings(start: int, end: int, start_embeds: torch.Tensor, end_embeds
     n = end - start + 1
     alpha = torch.linspace(0, 1, n, dtype=start_embeds.dtype, device=start_embeds.device) if n > 1 else \
         torch.zeros(1, dtype=start_embeds.dtype, device=start_embeds.device)
-    return rearrange(torch.lerp(start_embeds, end_embeds, alpha[:, None, None]), "k n d -> k n d")
+    return torch.lerp(start_embeds, end_embeds, alpha[:, None, None])  # k n d
