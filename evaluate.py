@@ -125,6 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
                          "(windowed attention, the plain noise), sliding and continue at each --frames; i2v and "
                          "loop at 16 frames)")
     lv.add_argument("--frames", nargs="+", type=int, default=[48, 64], help="lengths for --long (default 48 64)")
+    lv.add_argument("--pin-noise", nargs="+", type=float, default=[0.6], metavar="P",
+                    help="pin_noise values for the pinned modes i2v, continue and loop (default 0.6)")
     p.add_argument("--batch-size", type=int, default=12)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
@@ -291,6 +293,8 @@ def run_long(args: argparse.Namespace) -> list[dict]:
         raise ValueError("--long needs a sampler setting: --settings SAMPLER:STEPS")
     if any(f < 16 for f in args.frames):
         raise ValueError(f"--frames: lengths of at least 16, got {args.frames}")
+    if any(not 0 <= p <= 1 for p in args.pin_noise):
+        raise ValueError(f"--pin-noise: values in [0, 1], got {args.pin_noise}")
     if args.threads:
         torch.set_num_threads(args.threads)
     sampler, steps, spacing = args.settings[0]
@@ -300,26 +304,28 @@ def run_long(args: argparse.Namespace) -> list[dict]:
     guidance = pipe.resolve_guidance_scale(args.guidance)
     pairs = se.prompt_seed_pairs(args.pairs, args.seed0)
     rows = []
-    for mode in args.long:
-        for frames in (args.frames if mode not in ("i2v", "loop") else [16]):
-            pipe.disable_free_noise()
-            pipe.disable_sliding_windows()
-            if mode == "free-noise":
-                pipe.enable_free_noise()
-            elif mode == "free-noise-random":
-                pipe.enable_free_noise(noise_type="random")
-            elif mode == "sliding":
-                pipe.enable_sliding_windows()
-            print(f"{mode} at {frames} frames on {len(pairs)} pairs ...", file=sys.stderr, flush=True)
-            result, videos = lv.measure(pipe, pairs, "plain" if mode.startswith("free-noise") else mode, frames,
-                                        steps_=steps, guidance=guidance)
-            result.mode = mode
-            rows.append({"sampler": sampler, "steps": steps, **asdict(result)})
-            if args.videos is not None:
-                for (p, s), v in zip(pairs, videos):
-                    name = args.videos / f"{mode}-{frames}" / f"{s:03d}-{p.replace(' ', '-')}.mp4"
-                    name.parent.mkdir(parents=True, exist_ok=True)
-                    export_to_video(list(v), str(name), fps=8)
+    runs = [(mode, frames, pin) for mode in args.long for frames in (args.frames if mode not in ("i2v", "loop") else [16])
+            for pin in (args.pin_noise if mode in ("i2v", "continue", "loop") else [None])]
+    for mode, frames, pin in runs:
+        pipe.disable_free_noise()
+        pipe.disable_sliding_windows()
+        if mode == "free-noise":
+            pipe.enable_free_noise()
+        elif mode == "free-noise-random":
+            pipe.enable_free_noise(noise_type="random")
+        elif mode == "sliding":
+            pipe.enable_sliding_windows()
+        label = mode if pin is None else f"{mode}, pin_noise {pin:g}"
+        print(f"{label} at {frames} frames on {len(pairs)} pairs ...", file=sys.stderr, flush=True)
+        result, videos = lv.measure(pipe, pairs, "plain" if mode.startswith("free-noise") else mode, frames,
+                                    steps_=steps, guidance=guidance, pin_noise=0.6 if pin is None else pin)
+        result.mode = label
+        rows.append({"sampler": sampler, "steps": steps, **asdict(result)})
+        if args.videos is not None:
+            for (p, s), v in zip(pairs, videos):
+                name = args.videos / f"{label.replace(', pin_noise ', '-pin')}-{frames}" / f"{s:03d}-{p.replace(' ', '-')}.mp4"
+                name.parent.mkdir(parents=True, exist_ok=True)
+                export_to_video(list(v), str(name), fps=8)
     pipe.disable_free_noise()
     pipe.disable_sliding_windows()
     return rows

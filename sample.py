@@ -278,6 +278,9 @@ def _check_long(cfg: SampleConfig) -> None:
     _positive_int("clip_overlap", cfg.clip_overlap)
     if cfg.clips > 1 and (cfg.image is not None or cfg.last_image is not None or cfg.loop):
         raise ValueError("clips > 1 chains clips by continuation; image, last_image and loop are for one clip")
+    if cfg.clips > 1 and cfg.num_frames is not None and cfg.clip_overlap >= cfg.num_frames:
+        raise ValueError(f"clip_overlap={cfg.clip_overlap} frames of each {cfg.num_frames}-frame clip continue the "
+                         "one before, leaving none to generate; use clip_overlap < num_frames")
     if cfg.clips > 1 and cfg.upscale.model is not None:
         raise ValueError("clips > 1 and upscale.model: upscale the chained video in a second run")
     if cfg.freeu is not None and (len(cfg.freeu) != 4 or not all(isinstance(v, (int, float)) for v in cfg.freeu)):

@@ -12,6 +12,7 @@ from modelscope_t2v.diffusion.noise import free_init_lowpass, mix_frequencies, r
 from modelscope_t2v.models.training_free import FrameWindows, shuffled_context_noise
 from modelscope_t2v.models.unet import TransformerBlock
 from modelscope_t2v.pipelines import TextToVideoSDPipeline
+from modelscope_t2v.pipelines.long_video import as_image
 from refs import max_diff, perturb_
 from test_unet import TINY, _diffusers_pair, _inputs
 
@@ -176,6 +177,39 @@ def test_sliding_windows_average_the_windows_predictions(pipe):
     assert calls == [4, 4, 4, 4] and torch.allclose(out, x * 2 + 1, atol=1e-6)  # windows (0,4) (2,6) (4,8) (6,10)
 
 
+def test_windows_fuse_by_their_weights():
+    # each window's output is its own index: a frame's value is the weighted mean of the windows holding it
+    windows = FrameWindows(4, 2, "pyramid")  # windows (0,4) (2,6) (4,8) (6,10), weights 1 2 2 1
+    spans = windows.windows(10)
+    index = {(s.start, s.stop): k for k, s in enumerate(slice(*w) for w in spans)}
+    out = windows.fuse(lambda w, frames: torch.full_like(w, float(index[(frames.start, frames.stop)])),
+                       torch.zeros(1, 10, 3), dim=1)
+    w = windows.weights()
+    expect = []
+    for f in range(10):
+        held = [(k, w[f - a]) for k, (a, b) in enumerate(spans) if a <= f < b]
+        expect.append(sum(k * wt for k, wt in held) / sum(wt for _, wt in held))
+    assert spans == [(0, 4), (2, 6), (4, 8), (6, 10)] and w == [1.0, 2.0, 2.0, 1.0]
+    assert torch.allclose(out[0, :, 0], torch.tensor(expect), atol=1e-6)
+    assert abs(expect[2] - 1 / 3) < 1e-9  # frame 2: window 0 (weight 2) and window 1 (weight 1)
+
+
+def test_free_noise_is_the_pipelines_own_switch(pipe):
+    # the windows go on the shared UNet only during this pipeline's calls: from_pipe and later calls are unaffected
+    plain = _run(pipe, num_frames=12)
+    pipe.enable_free_noise(context_length=8, context_stride=4)
+    try:
+        other = TextToVideoSDPipeline.from_pipe(pipe)
+        other.disable_free_noise()
+        free = _run(pipe, num_frames=12)
+        assert np.array_equal(_run(other, num_frames=12), plain)
+        assert all(getattr(m, "windows", None) is None for m in pipe.unet.modules())
+        assert TextToVideoSDPipeline.from_pipe(pipe).free_noise_enabled
+    finally:
+        pipe.disable_free_noise()
+    assert np.abs(free - plain).mean() > 1e-4 and np.array_equal(_run(pipe, num_frames=12), plain)
+
+
 def test_prompt_travel_interpolates_between_keyframes(pipe):
     ctx = pipe._travel_embeddings({0: "a red circle", 6: "a blue square"}, 10, False, None, 1, None)
     a, _ = pipe.encode_prompt(["a red circle"], "cpu", 1, False)
@@ -234,6 +268,41 @@ def test_image_to_video_last_image_and_continuation_pin_their_frames(pipe):
     assert not torch.allclose(seen[1.0], seen[0.6])
 
 
+@pytest.mark.parametrize("sampler, spacing", [("ddim", "trailing"), ("ddim", "linspace"), ("dpm", "trailing"), ("dpm", "leading")])
+def test_pinned_frames_follow_the_forward_process_where_each_step_lands(pipe, sampler, spacing):
+    # after step i the pinned latent is q(x_t | mean) at pin_noise x the timestep the step landed on: DDIM's
+    # t - T // n (not timesteps[i + 1] for trailing / linspace), DPM-Solver's next timestep, off its schedule
+    from modelscope_t2v.diffusion.schedule import add_noise
+    from modelscope_t2v.schedulers import DDIMScheduler, DPMSolverMultistepScheduler
+
+    cls = DDIMScheduler if sampler == "ddim" else DPMSolverMultistepScheduler
+    base = pipe.scheduler
+    pipe.scheduler = cls.from_config(base.config, timestep_spacing=spacing)
+    try:
+        image = np.random.default_rng(1).integers(0, 256, (16, 16, 3), dtype=np.uint8)
+        start = randn(pipe._latent_shape(1, 16, 16, 6), torch.Generator().manual_seed(3), "cpu", torch.float32)
+        seen = []
+        _run(pipe, image=image, pin_noise=0.6, num_frames=6, num_inference_steps=4, latents=start,
+             height=16, width=16, callback=lambda i, t, x: seen.append(x[:, :, 0].clone()))
+        pixels = pipe.preprocess_video([as_image(image)], 16, 16)[:, :, 0]
+        mean = pipe.vae.encode(pixels).mode() * pipe.vae.config.scaling_factor
+        landing = pipe.scheduler.landing_timesteps().tolist()
+    finally:
+        pipe.scheduler = base
+    if sampler == "ddim":
+        assert landing[:3] == [t - 250 for t in pipe_timesteps(cls, base, spacing)[:3]]
+    abar = pipe.scheduler.alphas_cumprod if sampler == "ddim" else cls.from_config(base.config).alphas_cumprod
+    for i, t in enumerate(landing):
+        expect = mean if t < 0 else add_noise(mean, start[:, :, 0], abar, round(t * 0.6))
+        assert torch.allclose(seen[i], expect, atol=1e-5), (i, t)
+
+
+def pipe_timesteps(cls, base, spacing):
+    s = cls.from_config(base.config, timestep_spacing=spacing)
+    s.set_timesteps(4)
+    return s.timesteps.tolist()
+
+
 def test_loop_ties_an_extra_last_frame_to_the_first(pipe):
     seen = []
 
@@ -244,12 +313,40 @@ def test_loop_ties_an_extra_last_frame_to_the_first(pipe):
     v = _run(pipe, loop=True, callback_on_step_end=watch)
     assert v.shape[1] == 8 and len(seen) == 3
     assert all(s.shape[2] == 9 and torch.equal(s[:, :, -1], s[:, :, 0]) for s in seen)
+    # the extra frame is dropped: the video is the first 8 of the 9 latent frames, decoded
+    last = pipe("a red circle", generator=torch.Generator().manual_seed(0), num_frames=8, num_inference_steps=3,
+                loop=True, output_type="latent").frames
+    assert last.shape[2] == 8 and torch.allclose(last, seen[-1][:, :, :8], atol=1e-6)
+    # given latents have the video's 8 frames (the extra one is a copy of frame 0); travel keys index those 8
+    start = randn(pipe._latent_shape(1, None, None, 8), torch.Generator().manual_seed(5), "cpu", torch.float32)
+    assert _run(pipe, loop=True, latents=start).shape[1] == 8
+    with pytest.raises(ValueError, match="integer frame indices in \\[0, 8\\)"):
+        _run(pipe, loop=True, prompt={0: "a red circle", 8: "a blue square"})
+    travel = pipe._travel_embeddings({0: "a red circle", 4: "a blue square"}, 8, False, None, 1, None, loop=True)
+    assert travel.shape[1] == 9 and torch.equal(travel[:, 8], travel[:, 0])
 
 
 def test_generate_continued_chains_clips(pipe):
     long = pipe.generate_continued("a red circle", num_clips=3, num_init_frames=2, num_frames=6,
                                    num_inference_steps=2, generator=torch.Generator().manual_seed(0))
     assert long.shape[0] == 6 + 4 + 4 and long.shape[3] == 3 and np.isfinite(long).all()
+    # what it chains: each clip continues the last 2 frames of the one before, from the same generator
+    g = torch.Generator().manual_seed(0)
+    first = _run_with(pipe, g, num_frames=6, num_inference_steps=2)
+    second = _run_with(pipe, g, num_frames=6, num_inference_steps=2, init_video=first, num_init_frames=2)
+    assert np.array_equal(long[:10], np.concatenate([first, second[2:]]))
+    # the pinned frames of the second clip are the first clip's last two, through the autoencoder
+    assert np.allclose(second[:2], _decoded_mean(pipe, (first * 255).round().astype(np.uint8)[-2:]), atol=2e-2)
+    for kw, message in ((dict(num_init_frames=6), "num_init_frames must be an int in \\[1, num_frames=6\\)"),
+                        (dict(loop=True), "loop does not apply to chained clips"),
+                        (dict(last_image=np.zeros((8, 8, 3), np.uint8)), "last_image does not apply"),
+                        (dict(latents=torch.zeros(1)), "latents is set per clip")):
+        with pytest.raises(ValueError, match=message):
+            pipe.generate_continued("a red circle", num_clips=2, **{"num_init_frames": 2, "num_frames": 6, **kw})
+
+
+def _run_with(pipe, generator, **kw):
+    return np.asarray(pipe("a red circle", generator=generator, output_type="np", **kw).frames[0])
 
 
 @pytest.mark.parametrize("call, error, message", [
@@ -279,6 +376,23 @@ def test_bad_long_video_settings_are_refused(pipe):
         pipe.enable_free_noise(noise_type="fresh")
     with pytest.raises(ValueError, match="method must be one of"):
         pipe.enable_free_init(method="box")
+    with pytest.raises(ValueError, match="order .* must be a positive int"):
+        pipe.enable_free_init(order=0)
+    with pytest.raises(TypeError, match="prompt_interpolation_callback must be callable"):
+        pipe.enable_free_noise(prompt_interpolation_callback="slerp")
+    from modelscope_t2v.schedulers import DDIMScheduler
+
+    base = pipe.scheduler
+    pipe.scheduler = DDIMScheduler.from_config(base.config, rescale_betas_zero_snr=True, timestep_spacing="trailing")
+    pipe.enable_free_init(num_iters=2)
+    try:
+        with pytest.raises(ValueError, match="FreeInit re-noises each result to t=999, where this scheduler keeps no signal"):
+            _run(pipe)
+    finally:
+        pipe.disable_free_init()
+        pipe.scheduler = base
+    with pytest.raises(ValueError, match="without prompt_embeds or negative_prompt_embeds"):
+        _run(pipe, prompt={0: "a red circle"}, negative_prompt_embeds=torch.zeros(1, 77, 32))
     pipe.enable_free_noise(context_length=16)
     try:
         with pytest.raises(ValueError, match="context_length 16 is longer than the video \\(8 frames\\)"):
@@ -315,3 +429,48 @@ def test_sample_py_image_to_video_loops_and_chained_clips(tmp_path):
         sample.generate({**base, "image": str(tmp_path / "notes.png"), "out": str(tmp_path / "d.mp4")})
     with pytest.raises(ValueError, match="cannot also take last_image"):
         sample.generate({**base, "loop": True, "last_image": str(tmp_path / "start.png"), "out": str(tmp_path / "e.mp4")})
+
+
+# ---------------------------------------------------------------------------------------------------
+# The measurements (eval/long_video.py), on the shapes renderer's own clips: known answers.
+
+
+class _RendererPipe:
+    """Stands in for a pipeline: the shapes renderer's clip for the prompt and the generator's seed (its
+    object enters at a random place, so a pinned `image` is the renderer's first frame only by its seed)."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, prompt, num_frames=16, generator=None, **kw):
+        from types import SimpleNamespace
+
+        from modelscope_t2v.data.shapes import parse_shapes_caption, render_shape_clip
+
+        self.calls.append(kw)
+        color, shape, direction = parse_shapes_caption(prompt)
+        clip = render_shape_clip(color, shape, direction, seed=generator.initial_seed(), num_frames=num_frames)
+        return SimpleNamespace(frames=[((clip.permute(1, 2, 3, 0).numpy() + 1) / 2).clip(0, 1)])
+
+
+def test_long_video_measures_read_the_renderers_clips_as_prompted():
+    from modelscope_t2v.eval import long_video as lv
+    from modelscope_t2v.eval.shapes import prompt_seed_pairs
+
+    pairs = prompt_seed_pairs(4)
+    fake = _RendererPipe()
+    r, videos = lv.measure(fake, pairs, "plain", 32, steps_=2, guidance=1.0)
+    assert r.windows == 8 and r.window_color == r.window_shape == 1.0  # two windows of each 32-frame clip
+    assert r.jump_within_2x == 1.0 and r.jump_max < 2  # constant speed: every step near the median
+    r16, _ = lv.measure(fake, pairs, "plain", 16, steps_=2, guidance=1.0)
+    assert r16.extra["direction"] == 1.0 and r16.extra["loop_gap_median"] > 2  # a moving object does not loop
+    loop, _ = lv.measure(fake, pairs, "loop", 16, steps_=2, guidance=1.0, pin_noise=0.3)
+    assert fake.calls[-1] == dict(loop=True, pin_noise=0.3, num_inference_steps=2, guidance_scale=1.0, output_type="np")
+    jumpy = videos[0].copy()
+    jumpy[20:] = np.roll(jumpy[20:], 12, axis=2)  # the object jumps 12 pixels at frame 20
+    assert lv.jump_ratio(jumpy) > 4 and lv.jump_ratio(jumpy, [20]) == lv.jump_ratio(jumpy)
+    assert lv.jump_ratio(videos[0], [20]) < 2
+    gone = videos[0].copy()
+    gone[5] = 0  # a vanished object is an infinite jump
+    assert lv.jump_ratio(gone) == float("inf")
+    assert lv.psnr(videos[0][0], videos[0][0]) == float("inf") and 0 < lv.psnr(videos[0][0], videos[0][8]) < 30

@@ -31,6 +31,7 @@ The names here are ours; how the two released checkpoint layouts name these tens
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass, fields
 from typing import Any, Mapping
 
@@ -602,6 +603,18 @@ class UNet3D(Model):
         for m in self.modules():
             if isinstance(m, TemporalTransformer):
                 m.windows = windows
+
+    @contextmanager
+    def windowed(self, windows: FrameWindows | None):
+        """set_frame_windows(windows) for the duration of a block, then each layer's setting back."""
+        layers = [m for m in self.modules() if isinstance(m, TemporalTransformer)]
+        before = [m.windows for m in layers]
+        self.set_frame_windows(windows)
+        try:
+            yield self
+        finally:
+            for m, w in zip(layers, before):
+                m.windows = w
 
     def set_temporal(self, attention: bool = True, conv: bool = True) -> None:
         """Switch the temporal attention layers (incl. the one after conv_in) and/or the temporal

@@ -22,6 +22,7 @@ import torch
 from einops import repeat
 
 from ..diffusion.noise import FREE_INIT_METHODS, free_init_lowpass, mix_frequencies, randn
+from ..diffusion.schedule import add_noise
 from ..models.training_free import FrameWindows, shuffled_context_noise
 
 NOISE_TYPES = ("shuffle_context", "repeat_context", "random")
@@ -92,12 +93,15 @@ class LongVideoMethods:
         windows = FrameWindows(context_length, context_stride, weighting_scheme)
         if noise_type not in NOISE_TYPES:
             raise ValueError(f"noise_type must be one of {NOISE_TYPES}, got {noise_type!r}")
+        if prompt_interpolation_callback is not None and not callable(prompt_interpolation_callback):
+            raise TypeError("prompt_interpolation_callback must be callable (start, end, start_embeds, end_embeds) "
+                            f"-> embeddings, got {type(prompt_interpolation_callback).__name__}")
+        # kept on the pipeline and put on the UNet only for the pipeline's own calls (`_unet_windows`): a
+        # pipeline made by from_pipe, or the upscaler sharing this UNet, is not windowed by this switch
         self._free_noise = (windows, noise_type, prompt_interpolation_callback or lerp_embeddings)
-        self.unet.set_frame_windows(windows)
 
     def disable_free_noise(self):
         self._free_noise = None
-        self.unet.set_frame_windows(None)
 
     @property
     def free_noise_enabled(self) -> bool:
@@ -127,8 +131,10 @@ class LongVideoMethods:
             raise ValueError(f"num_iters must be a positive int, got {num_iters!r}")
         if method not in FREE_INIT_METHODS:
             raise ValueError(f"method must be one of {FREE_INIT_METHODS}, got {method!r}")
+        if isinstance(order, bool) or not isinstance(order, int) or order < 1:
+            raise ValueError(f"order (of the butterworth filter) must be a positive int, got {order!r}")
         for name, v in (("spatial_stop_frequency", spatial_stop_frequency), ("temporal_stop_frequency", temporal_stop_frequency)):
-            if not 0 <= v <= 1:
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v <= 1:
                 raise ValueError(f"{name} must be in [0, 1], got {v!r}")
         self._free_init = FreeInit(num_iters, bool(use_fast_sampling), method, order, spatial_stop_frequency,
                                    temporal_stop_frequency)
@@ -148,6 +154,19 @@ class LongVideoMethods:
             if windows and num_frames < windows.context_length:
                 raise ValueError(f"{what}: context_length {windows.context_length} is longer than the video "
                                  f"({num_frames} frames); use a context_length <= num_frames")
+        if self._free_init is not None:
+            t_max = self.scheduler.config.num_train_timesteps - 1
+            if float(self.scheduler.alphas_cumprod[t_max]) < 1e-6:
+                raise ValueError(
+                    f"enable_free_init: FreeInit re-noises each result to t={t_max}, where this scheduler keeps no "
+                    "signal (zero terminal SNR, rescale_betas_zero_snr=True): every iteration would start from "
+                    "pure noise again. Use FreeInit with a model whose schedule keeps signal at its last timestep")
+
+    def _unet_windows(self):
+        """A context: FreeNoise's windows on the UNet's temporal attention for this call (else as it is)."""
+        from contextlib import nullcontext
+
+        return nullcontext() if self._free_noise is None else self.unet.windowed(self._free_noise[0])
 
     def _free_noise_latents(self, latents: torch.Tensor, generator) -> torch.Tensor:
         """The initial noise rescheduled as FreeNoise's noise_type says (after the plain draw, as diffusers)."""
@@ -165,9 +184,10 @@ class LongVideoMethods:
         return shuffled_context_noise(latents, windows, g)
 
     def _travel_embeddings(self, prompts: dict[int, str], num_frames: int, guided: bool, negative_prompt,
-                           num_videos_per_prompt: int, clip_skip) -> torch.Tensor:
+                           num_videos_per_prompt: int, clip_skip, loop: bool = False) -> torch.Tensor:
         """Prompt travel: {first frame: prompt} -> a context per frame (b, f, n, d), each frame between two
-        keyframes interpolated by the callback; unconditional branch first when guided."""
+        keyframes interpolated by the callback; unconditional branch first when guided. A loop's extra frame
+        (after the `num_frames` of the video) takes frame 0's context, as it is frame 0."""
         if not prompts or not all(isinstance(k, int) and not isinstance(k, bool) and 0 <= k < num_frames for k in prompts):
             raise ValueError(f"prompt: a dict of prompts needs integer frame indices in [0, {num_frames}), got {sorted(prompts)}")
         if not all(isinstance(v, str) for v in prompts.values()):
@@ -184,9 +204,11 @@ class LongVideoMethods:
         for i in range(len(keys) - 1):
             start, end = bounds[i], bounds[i + 1]
             per_frame[start:end + 1] = callback(start, end, pos[i:i + 1], pos[i + 1:i + 2])
+        if loop:
+            per_frame = torch.cat([per_frame, per_frame[:1]])  # (f + 1) n d
         context = repeat(per_frame, "f n d -> b f n d", b=num_videos_per_prompt)
         if guided:
-            context = torch.cat([repeat(neg[0], "n d -> b f n d", b=num_videos_per_prompt, f=num_frames), context])
+            context = torch.cat([repeat(neg[0], "n d -> b f n d", b=num_videos_per_prompt, f=per_frame.shape[0]), context])
         return context
 
     def _windowed_unet(self, unet_call: Callable, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
@@ -250,29 +272,36 @@ class LongVideoMethods:
             means = {j: z[i] for i, j in enumerate(index)}
         noise = {j: latents[:, :, j] / self.scheduler.init_noise_sigma for j in means}  # fixed: the frame's own draw
         s = pins.strength
+        # The forward process at the training timestep the sample is at (not the scheduler's add_noise: DPM-Solver's
+        # looks the timestep up in its schedule, and pin_noise x t is off it): before the first step timesteps[0],
+        # after step i where the step landed (DDIM steps by T // n, which for "trailing" and "linspace" is not
+        # timesteps[i + 1]); -1: clean.
+        levels = [int(timesteps[0]), *self.scheduler.landing_timesteps(timesteps).tolist()]
+        abar = self.scheduler.alphas_cumprod
 
-        def apply(x: torch.Tensor, t) -> torch.Tensor:
+        def apply(x: torch.Tensor, t: int) -> torch.Tensor:
             x = x.clone()
-            t_pin = None if t is None else (t.float() * pins.noise).round().long().reshape(1).repeat(x.shape[0])
+            t_pin = round(t * pins.noise) if t >= 0 else None
             for j, mean in means.items():
-                target = mean.expand_as(x[:, :, j]) if t is None else self.scheduler.add_noise(
-                    mean.expand_as(x[:, :, j]), noise[j], t_pin)
+                target = mean.expand_as(x[:, :, j])
+                if t_pin is not None:
+                    target = add_noise(target, noise[j], abar, t_pin)
                 x[:, :, j] = target if s == 1 else s * target + (1 - s) * x[:, :, j]
             if pins.loop:
                 x[:, :, -1] = x[:, :, 0]
             return x
 
         def after_step(i: int, x: torch.Tensor) -> torch.Tensor:
-            return apply(x, timesteps[i + 1] if i + 1 < len(timesteps) else None)
+            return apply(x, levels[i + 1])
 
-        return apply(latents, timesteps[0]), after_step
+        return apply(latents, levels[0]), after_step
 
     def _free_init_latents(self, latents: torch.Tensor, first_noise: torch.Tensor, generator) -> torch.Tensor:
         """Iteration >= 1 of FreeInit: the result diffused back to T - 1 with the first noise, its low
         frequencies kept, fresh noise's high ones."""
         fi = self._free_init
-        t = torch.full((latents.shape[0],), self.scheduler.config.num_train_timesteps - 1, device=latents.device)
-        diffused = self.scheduler.add_noise(latents, first_noise, t).float()
+        t = self.scheduler.config.num_train_timesteps - 1  # the forward process at T - 1 (not the scheduler's lookup)
+        diffused = add_noise(latents, first_noise, self.scheduler.alphas_cumprod, t).float()
         fresh = randn(latents.shape, generator, latents.device, torch.float32)
         lowpass = free_init_lowpass(latents.shape, fi.method, fi.order, fi.spatial_stop_frequency, fi.temporal_stop_frequency)
         return mix_frequencies(diffused, fresh, lowpass).to(latents.dtype)
@@ -311,11 +340,17 @@ class LongVideoMethods:
         (memory: one clip's); `prompt` one for all or one per clip; `kwargs` go to each call (num_frames, ...).
         Returns f h w 3 floats in [0, 1], the repeated frames kept once."""
         prompts = [prompt] * num_clips if isinstance(prompt, str) else list(prompt)
-        if not isinstance(num_clips, int) or num_clips < 1 or len(prompts) != num_clips:
+        if isinstance(num_clips, bool) or not isinstance(num_clips, int) or num_clips < 1 or len(prompts) != num_clips:
             raise ValueError(f"num_clips must be a positive int with one prompt or one per clip ({len(prompts)} for {num_clips})")
-        for name in ("init_video", "image", "output_type", "num_videos_per_prompt"):
+        for name in ("init_video", "num_init_frames", "image", "output_type", "num_videos_per_prompt", "latents"):
             if name in kwargs:
                 raise ValueError(f"generate_continued: {name} is set per clip; leave it out")
+        for name in ("loop", "last_image", "video", "prompt_embeds", "negative_prompt_embeds"):
+            if kwargs.get(name) is not None and kwargs.get(name) is not False:
+                raise ValueError(f"generate_continued: {name} does not apply to chained clips; leave it out")
+        num_frames = kwargs.get("num_frames") or self.default_num_frames or 16
+        if isinstance(num_init_frames, bool) or not isinstance(num_init_frames, int) or not 1 <= num_init_frames < num_frames:
+            raise ValueError(f"num_init_frames must be an int in [1, num_frames={num_frames}), got {num_init_frames!r}")
         frames: list[np.ndarray] = []
         previous = None
         for i, text in enumerate(prompts):

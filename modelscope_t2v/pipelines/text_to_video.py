@@ -125,6 +125,8 @@ class TextToVideoSDPipeline(LoraMethods, LongVideoMethods):
         out.generation_defaults = pipe.generation_defaults
         out.cpu_upcast, out.tokenization, out.check_finite = pipe.cpu_upcast, pipe.tokenization, pipe.check_finite
         out._progress = dict(pipe._progress)
+        # the long-video switches are the pipeline's (immutable values: the two pipelines switch independently)
+        out._free_noise, out._sliding_windows, out._free_init = pipe._free_noise, pipe._sliding_windows, pipe._free_init
         out.name_or_path = getattr(pipe, "name_or_path", None)
         return out
 
@@ -435,7 +437,7 @@ class TextToVideoSDPipeline(LoraMethods, LongVideoMethods):
             return new
 
         try:
-            with self._placement.placed(unet), lora.scaled(unet, lora_scale):
+            with self._placement.placed(unet), lora.scaled(unet, lora_scale), self._unet_windows():
                 return self.scheduler.sample(model_fn, latents, timesteps, generator=generator,
                                              callback=step_callback, eta=eta)
         finally:
@@ -539,8 +541,9 @@ class TextToVideoSDPipeline(LoraMethods, LongVideoMethods):
             raise ValueError("negative_prompt / negative_prompt_embeds: this UNet embeds the guidance scale "
                              "(unet.config.timestep_cond_dim) and runs no unconditional branch to put them in")
         travel = isinstance(prompt, dict)  # prompt travel: {first frame: prompt}
-        if travel and (prompt_embeds is not None or video_to_video or not prompt):
-            raise ValueError("prompt: a dict of prompts (prompt travel) is for text-to-video, without prompt_embeds")
+        if travel and (prompt_embeds is not None or negative_prompt_embeds is not None or video_to_video or not prompt):
+            raise ValueError("prompt: a dict of prompts (prompt travel) is for text-to-video, without prompt_embeds "
+                             "or negative_prompt_embeds (give negative_prompt as a string)")
         if travel and not (negative_prompt is None or isinstance(negative_prompt, str)):
             raise ValueError("negative_prompt: with a prompt dict, one negative prompt (a string) or None")
         batch = check_call(next(iter(prompt.values())) if travel else prompt, negative_prompt, prompt_embeds,
@@ -581,16 +584,19 @@ class TextToVideoSDPipeline(LoraMethods, LongVideoMethods):
             factor = self.vae_scale_factor
             pins = self._pins(image, last_image, loop, init_video, num_init_frames, image_strength,
                               shape[3] * factor, shape[4] * factor, shape[2], pin_noise)
-            if pins is not None and pins.loop:  # one frame more, tied to the first, dropped at the end
-                shape = (*shape[:2], shape[2] + 1, *shape[3:])
-            self._check_long_video(shape[2])
             if latents is not None and tuple(latents.shape) != shape:
                 raise ValueError(f"latents must have shape {shape}, got {tuple(latents.shape)}")
+            looped = pins is not None and pins.loop
+            if looped:  # one frame more, tied to the first (given latents: a copy of frame 0), dropped at the end
+                shape = (*shape[:2], shape[2] + 1, *shape[3:])
+                if latents is not None:
+                    latents = torch.cat([latents, latents[:, :, :1]], dim=2)
+            self._check_long_video(shape[2])
 
         with self.call_precision():  # half weights on a CPU: float32 for this call
             if travel:
-                context = self._travel_embeddings(prompt, shape[2], self._two_branches(guidance_scale), negative_prompt,
-                                                  num_videos_per_prompt, clip_skip)
+                context = self._travel_embeddings(prompt, shape[2] - looped, self._two_branches(guidance_scale),
+                                                  negative_prompt, num_videos_per_prompt, clip_skip, loop=looped)
             else:
                 context = self._text_conditioning(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds,
                                                   guidance_scale, num_videos_per_prompt, clip_skip)

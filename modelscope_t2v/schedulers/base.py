@@ -227,6 +227,12 @@ class _Scheduler:
     def _sample(self, model_fn, x, ts, generator, callback, eta) -> torch.Tensor:  # overridden
         raise NotImplementedError
 
+    def landing_timesteps(self, timesteps: torch.Tensor | None = None) -> torch.Tensor:
+        """The timestep each step of `timesteps` (default `self.timesteps`) leaves the sample at: the next
+        one of the schedule, -1 (clean) after the last. DDIM, which steps by T // n, overrides it."""
+        ts = torch.as_tensor(self.timesteps if timesteps is None else timesteps, dtype=torch.int64).cpu()
+        return torch.cat([ts[1:], ts.new_full((1,), -1)])
+
     def scale_model_input(self, sample: torch.Tensor, timestep: Any = None) -> torch.Tensor:
         """Identity: VP samplers feed x_t to the model unscaled (diffusers API compatibility)."""
         return sample

@@ -66,6 +66,12 @@ class DDIMScheduler(_Scheduler):
             raise ValueError("call set_timesteps(num_inference_steps) first")
         return self._config.num_train_timesteps // self.num_inference_steps
 
+    def landing_timesteps(self, timesteps: torch.Tensor | None = None) -> torch.Tensor:
+        """t - T // num_inference_steps for every t (-1 or below: clean): where diffusers' DDIM steps go, which
+        for "linspace" and "trailing" is not the next timestep of the schedule."""
+        ts = torch.as_tensor(self.timesteps if timesteps is None else timesteps).cpu()
+        return stride_prev_timesteps(ts, self._stride()).clamp(min=-1)
+
     def _clip(self) -> float | None:
         return float(self._config.clip_sample_range) if self._config.clip_sample else None
 
