@@ -81,12 +81,13 @@ class SampleConfig:
     negative_prompt: Optional[str] = None  # null: the empty prompt is the unconditional branch (as released)
     num_videos_per_prompt: int = 1  # videos per prompt, with seeds seed, seed + 1, ...
     model: str = DEFAULT_MODEL  # bundled model, preset (random weights!), local folder (either layout) or hub id
-    sampler: str = "ddim"  # ddim | dpm++2m | dpm++2m-sde | dpm++3m (spaces, case and '_' are ignored)
+    sampler: str = "ddim"  # ddim | dpm++2m | dpm++2m-karras | dpm++2m-sde | dpm++3m | euler | euler-a | unipc | lcm
+    # (spaces, case and '_' are ignored)
     steps: int = 50  # number of denoising steps
     guidance: Optional[float] = None  # classifier-free guidance scale (<= 1 switches it off); null: the model's
     # default_guidance_scale (its model_index.json; the bundled shapes model's), else 9.0 (diffusers')
     spacing: Optional[str] = None  # leading | linspace | trailing; null: the sampler's own default
-    eta: float = 0.0  # DDIM's stochasticity (0: deterministic); ignored by the DPM-Solver samplers
+    eta: float = 0.0  # DDIM's stochasticity (0: deterministic); ignored by the other samplers
     num_frames: Optional[int] = None  # null: the model's (what it was trained at, if its folder says; else 16)
     height: Optional[int] = None  # pixels, multiple of 8; null: the model's native size (256 for ms-1.7b)
     width: Optional[int] = None
@@ -127,7 +128,8 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 SPACINGS = ("leading", "linspace", "trailing")
 OUT_SUFFIXES = (".mp4", ".gif")
 
-# sampler names: modelscope_t2v.schedulers.SAMPLERS (ddim, dpm++2m, dpm++2m-sde, dpm++3m, with aliases)
+# sampler names: modelscope_t2v.schedulers.SAMPLERS (ddim, dpm++2m, dpm++2m-karras, dpm++2m-sde, dpm++3m, euler,
+# euler-a, unipc, lcm; with aliases)
 SAMPLERS = schedulers.SAMPLERS
 sampler_name = schedulers.sampler_name
 

@@ -45,16 +45,29 @@ def _gen(seed):
     return torch.Generator().manual_seed(seed)
 
 
-@pytest.mark.parametrize("sampler,eta", [("ddim", 0.0), ("ddim", 0.7), ("dpm++", 0.0)])
+SWAPS = {  # sampler -> (scheduler class name, from_config overrides)
+    "dpm++": ("DPMSolverMultistepScheduler", {}),
+    "dpm++2m-karras": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}),
+    "euler": ("EulerDiscreteScheduler", {}),
+    "euler-a": ("EulerAncestralDiscreteScheduler", {}),
+    "unipc": ("UniPCMultistepScheduler", {}),
+}
+
+
+@pytest.mark.parametrize("sampler,eta", [("ddim", 0.0), ("ddim", 0.7), ("dpm++", 0.0), ("dpm++2m-karras", 0.0),
+                                         ("euler", 0.0), ("euler-a", 0.0), ("unipc", 0.0)])
 def test_text_to_video_matches_diffusers_seed_for_seed(pipes, sampler, eta, record_property):
     import diffusers
 
+    import modelscope_t2v.schedulers as ours_schedulers
+
     ours, ref = pipes
-    if sampler == "dpm++":  # swapped as in the seed example, on copies of the pipelines
+    if sampler in SWAPS:  # swapped as in the seed example, on copies of the pipelines
+        name, extra = SWAPS[sampler]
         ours = TextToVideoSDPipeline(**{**ours.components,
-                                        "scheduler": DPMSolverMultistepScheduler.from_config(ours.scheduler.config)})
+                                        "scheduler": getattr(ours_schedulers, name).from_config(ours.scheduler.config, **extra)})
         ref = diffusers.TextToVideoSDPipeline(
-            **{**ref.components, "scheduler": diffusers.DPMSolverMultistepScheduler.from_config(ref.scheduler.config)})
+            **{**ref.components, "scheduler": getattr(diffusers, name).from_config(ref.scheduler.config, **extra)})
         for p in (ours, ref):
             p.set_progress_bar_config(disable=True)
     a = ours("a red circle moving left", negative_prompt="blurry", eta=eta, generator=_gen(3), **KW).frames

@@ -354,6 +354,7 @@ def dpm_solver_multistep(
     alphas_cumprod: torch.Tensor,
     timesteps: Timesteps,
     *,
+    sigmas: Optional[Sequence[float]] = None,
     order: int = 2,
     algorithm: str = "dpmsolver++",
     solver_type: str = "midpoint",
@@ -380,6 +381,8 @@ def dpm_solver_multistep(
         (0 = diffusers' final_sigmas_type="sigma_min").
     third_order: "diffusers" (default, parity) or "taylor" (truly third order); see
         `dpm_solver_update`.
+    sigmas: the noise levels sigma_vp of the steps and of the end (len(timesteps) + 1, e.g. Karras
+        sigmas), in place of the training ones at `timesteps` and at `final_timestep`.
     """
     _check_prediction_type(prediction_type)
     if order not in (1, 2, 3):
@@ -395,9 +398,16 @@ def dpm_solver_multistep(
     n = ts.numel()
     if lower_order_final is None:
         lower_order_final = n < 15
-    abar = alphas_cumprod.detach().double().cpu().tolist()
-    points = [vp_alpha_sigma(abar[t]) for t in ts.tolist()]
-    points.append((1.0, 0.0) if final_timestep is None else vp_alpha_sigma(abar[int(final_timestep)]))
+    if sigmas is not None:
+        levels = torch.as_tensor(sigmas, dtype=torch.float32).detach().cpu().reshape(-1)
+        if levels.numel() != n + 1:
+            raise ValueError(f"`sigmas` must hold len(timesteps) + 1 = {n + 1} entries, got {levels.numel()}")
+        alphas = 1 / (levels**2 + 1) ** 0.5  # as diffusers from its float32 sigmas
+        points = [(float(a), float(s * a)) for a, s in zip(alphas, levels)]
+    else:
+        abar = alphas_cumprod.detach().double().cpu().tolist()
+        points = [vp_alpha_sigma(abar[t]) for t in ts.tolist()]
+        points.append((1.0, 0.0) if final_timestep is None else vp_alpha_sigma(abar[int(final_timestep)]))
 
     x0s: list[torch.Tensor] = []
     for i, t in enumerate(ts.tolist()):

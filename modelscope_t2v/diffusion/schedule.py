@@ -227,3 +227,47 @@ def make_timesteps(
     if spacing == "modelscope":
         return modelscope_timesteps(steps, num_train_timesteps)
     raise ValueError(f"`spacing` must be one of {SPACINGS}, got {spacing!r}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Noise levels sigma = sqrt((1 - abar) / abar) (k-diffusion's parametrisation, x_sigma = x_0 + sigma eps, the VP
+# sample times sqrt(1 + sigma^2)), for the samplers that take a schedule of sigmas (Euler, UniPC, Karras spacing).
+
+
+def vp_sigmas(alphas_cumprod: torch.Tensor) -> np.ndarray:
+    """sqrt((1 - abar_t) / abar_t) for every training timestep, float64 numpy (as diffusers computes it)."""
+    abar = alphas_cumprod.detach().cpu().numpy()
+    return np.array(((1 - abar) / abar) ** 0.5)
+
+
+def sigma_to_t(sigmas, log_sigmas: np.ndarray) -> np.ndarray:
+    """The fractional training timestep of each sigma: linear in log sigma between the two neighbouring
+    training timesteps, clipped to the schedule (diffusers' `_sigma_to_t`)."""
+    sigmas = np.asarray(sigmas, dtype=np.float64)
+    log_sigma = np.log(np.maximum(sigmas, 1e-10))
+    dists = log_sigma.reshape(-1)[None, :] - log_sigmas[:, None]  # T n
+    low = np.cumsum(dists >= 0, axis=0).argmax(axis=0).clip(max=log_sigmas.shape[0] - 2)
+    w = np.clip((log_sigmas[low] - log_sigma.reshape(-1)) / (log_sigmas[low] - log_sigmas[low + 1]), 0, 1)
+    return ((1 - w) * low + w * (low + 1)).reshape(sigmas.shape)
+
+
+def karras_sigmas(sigma_min: float, sigma_max: float, steps: int, rho: float = 7.0) -> np.ndarray:
+    """Karras et al. 2022 ("Elucidating the Design Space...", eq. 5): `steps` sigmas from sigma_max down to
+    sigma_min, evenly spaced in sigma^(1/rho)."""
+    ramp = np.linspace(0, 1, steps)
+    lo, hi = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
+    return (hi + ramp * (lo - hi)) ** rho
+
+
+def fractional_timesteps(spacing: str, steps: int, num_train_timesteps: int = 1000, steps_offset: int = 0) -> np.ndarray:
+    """The float32 timesteps of diffusers' Euler schedulers: "linspace" is not rounded (50 steps: 999.0,
+    978.6, ...), "leading" and "trailing" are the integer grids of the other schedulers."""
+    _check_steps(steps, num_train_timesteps)
+    if spacing == "linspace":
+        return np.linspace(0, num_train_timesteps - 1, steps, dtype=np.float32)[::-1].copy()
+    if spacing == "leading":
+        ratio = num_train_timesteps // steps
+        return (np.arange(0, steps) * ratio).round()[::-1].astype(np.float32) + steps_offset
+    if spacing == "trailing":
+        return np.arange(num_train_timesteps, 0, -num_train_timesteps / steps).round().astype(np.float32) - 1
+    raise ValueError(f"`timestep_spacing` must be one of ('linspace', 'leading', 'trailing'), got {spacing!r}")

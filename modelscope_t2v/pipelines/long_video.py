@@ -276,12 +276,12 @@ class LongVideoMethods:
         # looks the timestep up in its schedule, and pin_noise x t is off it): before the first step timesteps[0],
         # after step i where the step landed (DDIM steps by T // n, which for "trailing" and "linspace" is not
         # timesteps[i + 1]); -1: clean.
-        levels = [int(timesteps[0]), *self.scheduler.landing_timesteps(timesteps).tolist()]
+        levels = [float(timesteps[0]), *self.scheduler.landing_timesteps(timesteps).tolist()]  # fractional for Euler
         abar = self.scheduler.alphas_cumprod
 
         def apply(x: torch.Tensor, t: int) -> torch.Tensor:
             x = x.clone()
-            t_pin = round(t * pins.noise) if t >= 0 else None
+            t_pin = round(t * pins.noise) if t >= 0 else None  # the training timestep nearest pin_noise x t
             for j, mean in means.items():
                 target = mean.expand_as(x[:, :, j])
                 if t_pin is not None:

@@ -5,6 +5,8 @@
     ddim.py        DDIMScheduler                  -> samplers.ddim
     dpm_solver.py  DPMSolverMultistepScheduler    -> samplers.dpm_solver_multistep
     lcm.py         LCMScheduler                   -> consistency.lcm (consistency-distilled models)
+    euler.py       EulerDiscreteScheduler, EulerAncestralDiscreteScheduler -> sigma_samplers.euler
+    unipc.py       UniPCMultistepScheduler        -> sigma_samplers.unipc
     factory.py     classes by `_class_name`, the sampler names of sample.py / evaluate.py / the notebooks
 
 Why: checkpoints ship a `scheduler/scheduler_config.json` in diffusers' format and users write
@@ -25,6 +27,8 @@ from ..formats.folders import MODELSCOPE_T2V_SCHEDULER_CONFIG, released_schedule
 from .base import CONFIG_NAME, SchedulerConfig, SchedulerOutput, load_scheduler_config
 from .ddim import DDIMScheduler
 from .dpm_solver import DPMSolverMultistepScheduler
+from .euler import EulerAncestralDiscreteScheduler, EulerDiscreteScheduler
+from .unipc import UniPCMultistepScheduler
 from .factory import (
     SAMPLER_ALIASES,
     SAMPLERS,
@@ -43,6 +47,9 @@ __all__ = [
     "SCHEDULERS",
     "DDIMScheduler",
     "DPMSolverMultistepScheduler",
+    "EulerAncestralDiscreteScheduler",
+    "EulerDiscreteScheduler",
+    "UniPCMultistepScheduler",
     "LCMScheduler",
     "LCMSchedulerOutput",
     "SchedulerConfig",

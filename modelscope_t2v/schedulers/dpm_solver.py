@@ -5,12 +5,13 @@ from __future__ import annotations
 import math
 from typing import Any, ClassVar
 
+import numpy as np
 import torch
 
 from ..diffusion import samplers
 from ..diffusion.noise import Generator, randn_like
 from ..diffusion.schedule import alphas_cumprod as cumprod_alphas
-from ..diffusion.schedule import make_timesteps
+from ..diffusion.schedule import karras_sigmas, make_timesteps, sigma_to_t, vp_sigmas
 from .base import (
     _SCHEDULE_DEFAULTS,
     SchedulerConfig,
@@ -26,7 +27,8 @@ from .base import (
 class DPMSolverMultistepScheduler(_StepIndex, _Scheduler):
     """Multistep DPM-Solver++ (Lu et al. 2022) with diffusers' DPMSolverMultistepScheduler config
     and numerics: algorithm_type "dpmsolver++" / "sde-dpmsolver++", solver_order 1-3, integer
-    timestep spacings. Not supported (ValueError naming the key): karras / exponential / beta /
+    timestep spacings or Karras sigmas (`use_karras_sigmas=True`: "DPM++ 2M Karras"; the spacing is then
+    unused, the timesteps are the sigmas' rounded). Not supported (ValueError naming the key): exponential / beta /
     lu-lambda / flow sigmas, thresholding, learned variance, lambda_min_clipped, dynamic shifting,
     and the deprecated noise-prediction algorithms "dpmsolver" / "sde-dpmsolver".
 
@@ -82,7 +84,6 @@ class DPMSolverMultistepScheduler(_StepIndex, _Scheduler):
         _require_off(
             cfg,
             "thresholding",
-            "use_karras_sigmas",
             "use_exponential_sigmas",
             "use_beta_sigmas",
             "use_lu_lambdas",
@@ -123,8 +124,16 @@ class DPMSolverMultistepScheduler(_StepIndex, _Scheduler):
         cfg = self._config
         if (num_inference_steps is None) == (timesteps is None):
             raise ValueError("pass exactly one of `num_inference_steps` or `timesteps`")
+        if timesteps is not None and cfg.use_karras_sigmas:
+            raise ValueError("custom `timesteps` with use_karras_sigmas=True: the Karras sigmas set the timesteps")
+        karras = None
         if timesteps is not None:
             ts = samplers._as_timesteps(timesteps, cfg.num_train_timesteps)
+        elif cfg.use_karras_sigmas:  # Karras et al. 2022 between the training sigmas' ends; t = the rounded sigma_to_t
+            self._check_steps(num_inference_steps)
+            full = vp_sigmas(self.alphas_cumprod)
+            karras = karras_sigmas(full[0], full[-1], num_inference_steps)
+            ts = torch.from_numpy(sigma_to_t(karras, np.log(full)).round().astype(np.int64))
         else:
             self._check_steps(num_inference_steps)
             ts = make_timesteps(cfg.timestep_spacing, num_inference_steps, cfg.num_train_timesteps,
@@ -132,7 +141,8 @@ class DPMSolverMultistepScheduler(_StepIndex, _Scheduler):
             self._check_range(ts, num_inference_steps)
         sigma_vp = ((1 - self.alphas_cumprod) / self.alphas_cumprod) ** 0.5
         last = torch.zeros(1) if cfg.final_sigmas_type == "zero" else sigma_vp[:1]
-        self.sigmas = torch.cat([sigma_vp[ts], last]).to(torch.float32)
+        at = sigma_vp[ts] if karras is None else torch.from_numpy(karras)
+        self.sigmas = torch.cat([at.to(torch.float32), last.to(torch.float32)])
         self.timesteps = ts.to(device=device, dtype=torch.int64)
         self.num_inference_steps = len(ts)
         self._reset_state()
@@ -147,6 +157,7 @@ class DPMSolverMultistepScheduler(_StepIndex, _Scheduler):
         cfg = self._config
         return samplers.dpm_solver_multistep(
             model_fn, x, self.alphas_cumprod, ts,
+            sigmas=self.sigmas[len(self.timesteps) - len(ts):] if cfg.use_karras_sigmas else None,
             order=cfg.solver_order,
             algorithm=cfg.algorithm_type,
             solver_type=cfg.solver_type,

@@ -10,12 +10,17 @@ from typing import Any
 from .base import _Scheduler
 from .ddim import DDIMScheduler
 from .dpm_solver import DPMSolverMultistepScheduler
+from .euler import EulerAncestralDiscreteScheduler, EulerDiscreteScheduler
 from .lcm import LCMScheduler
+from .unipc import UniPCMultistepScheduler
 
 SCHEDULERS: Mapping[str, type] = MappingProxyType({
     "DDIMScheduler": DDIMScheduler,
     "DPMSolverMultistepScheduler": DPMSolverMultistepScheduler,
     "LCMScheduler": LCMScheduler,
+    "EulerDiscreteScheduler": EulerDiscreteScheduler,
+    "EulerAncestralDiscreteScheduler": EulerAncestralDiscreteScheduler,
+    "UniPCMultistepScheduler": UniPCMultistepScheduler,
 })
 
 
@@ -41,11 +46,17 @@ SAMPLERS: Mapping[str, tuple[str, Mapping[str, Any]]] = MappingProxyType({
     "dpm++2m": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2}),
     "dpm++2m-sde": ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++", "solver_order": 2}),
     "dpm++3m": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 3}),
+    "dpm++2m-karras": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2,
+                                                        "use_karras_sigmas": True}),
+    "euler": ("EulerDiscreteScheduler", {}),
+    "euler-a": ("EulerAncestralDiscreteScheduler", {}),
+    "unipc": ("UniPCMultistepScheduler", {"solver_type": "bh2", "solver_order": 2}),
     "lcm": ("LCMScheduler", {}),
 })
 SAMPLER_ALIASES: Mapping[str, str] = MappingProxyType({
     "dpm++sde": "dpm++2m-sde", "dpm++2msde": "dpm++2m-sde", "dpmpp2m": "dpm++2m", "dpmpp2m-sde": "dpm++2m-sde",
-    "dpmpp3m": "dpm++3m", "dpm++": "dpm++2m",
+    "dpmpp3m": "dpm++3m", "dpm++": "dpm++2m", "dpm++2mkarras": "dpm++2m-karras", "dpmpp2m-karras": "dpm++2m-karras",
+    "euler-ancestral": "euler-a", "eulera": "euler-a", "euler-ancestral-discrete": "euler-a", "unipc-bh2": "unipc",
 })
 
 
