@@ -125,8 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
                          "(windowed attention, the plain noise), sliding and continue at each --frames; i2v and "
                          "loop at 16 frames)")
     lv.add_argument("--frames", nargs="+", type=int, default=[48, 64], help="lengths for --long (default 48 64)")
-    lv.add_argument("--pin-noise", nargs="+", type=float, default=[0.6], metavar="P",
-                    help="pin_noise values for the pinned modes i2v, continue and loop (default 0.6)")
+    lv.add_argument("--pin-noise", nargs="+", type=float, default=[0.3], metavar="P",
+                    help="pin_noise values for the pinned modes i2v, continue and loop (default 0.3)")
     p.add_argument("--batch-size", type=int, default=12)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
@@ -318,7 +318,7 @@ def run_long(args: argparse.Namespace) -> list[dict]:
         label = mode if pin is None else f"{mode}, pin_noise {pin:g}"
         print(f"{label} at {frames} frames on {len(pairs)} pairs ...", file=sys.stderr, flush=True)
         result, videos = lv.measure(pipe, pairs, "plain" if mode.startswith("free-noise") else mode, frames,
-                                    steps_=steps, guidance=guidance, pin_noise=0.6 if pin is None else pin)
+                                    steps_=steps, guidance=guidance, pin_noise=0.3 if pin is None else pin)
         result.mode = label
         rows.append({"sampler": sampler, "steps": steps, **asdict(result)})
         if args.videos is not None:

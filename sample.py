@@ -112,13 +112,16 @@ class SampleConfig:
     last_image: Optional[str] = None  # an image file the video ends on
     loop: bool = False  # the last frame leads back to the first
     image_strength: float = 1.0  # how hard image / last_image are held (1: exactly their frames)
-    pin_noise: float = 0.6  # pinned frames are re-noised to this fraction of the current timestep
+    pin_noise: float = 0.3  # pinned frames are re-noised to this fraction of the current timestep
     clips: int = 1  # > 1: that many clips of num_frames, each continuing the last clip_overlap frames of the one before
     clip_overlap: int = 4
     free_noise: bool = False  # FreeNoise: windowed temporal attention, rescheduled noise (context 16, stride 4)
     sliding_windows: bool = False  # the whole UNet over overlapping 16-frame windows, averaged (the baseline)
     freeu: Optional[list] = None  # [s1, s2, b1, b2], e.g. [0.9, 0.2, 1.2, 1.4]
     free_init: Optional[int] = None  # FreeInit iterations (e.g. 3; butterworth filter, diffusers' defaults)
+    # Approximate speed-ups (pipelines/acceleration.py, docs/benchmarks.md)
+    deepcache: Optional[int] = None  # DeepCache's cache_interval (e.g. 3): the whole UNet every that many steps
+    deepcache_branch: int = 0  # DeepCache's cache_branch_id: the skip connection the shallow steps run up to
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -293,9 +296,17 @@ def _check_long(cfg: SampleConfig) -> None:
         raise ValueError(f"free_noise / sliding_windows work in windows of 16 frames; num_frames={cfg.num_frames} is shorter")
     if cfg.free_noise and cfg.sliding_windows:
         raise ValueError("free_noise and sliding_windows: choose one way of windowing a long video")
+    if cfg.deepcache is not None:
+        _positive_int("deepcache", cfg.deepcache)
+        if isinstance(cfg.deepcache_branch, bool) or not isinstance(cfg.deepcache_branch, int) or cfg.deepcache_branch < 0:
+            raise ValueError(f"deepcache_branch must be an int >= 0, got {cfg.deepcache_branch!r}")
+        if cfg.sliding_windows:
+            raise ValueError("deepcache and sliding_windows: DeepCache keeps one feature per step; choose one")
 
 
 def _long_switches(cfg: SampleConfig, pipe) -> None:
+    if cfg.deepcache is not None:
+        pipe.enable_deepcache(cache_interval=cfg.deepcache, cache_branch_id=cfg.deepcache_branch)
     if cfg.free_noise:
         pipe.enable_free_noise()
     if cfg.sliding_windows:
@@ -381,7 +392,7 @@ def _request(cfg: SampleConfig) -> dict[str, Any]:
     """The settings that decide a video besides its prompt and seed (a sidecar's key to resume by)."""
     keep = ("model", "sampler", "steps", "guidance", "spacing", "eta", "num_frames", "height", "width", "fps",
             "dtype", "image", "last_image", "loop", "image_strength", "pin_noise", "clips", "clip_overlap", "free_noise",
-            "sliding_windows", "freeu", "free_init")
+            "sliding_windows", "freeu", "free_init", "deepcache", "deepcache_branch")
     up = dataclasses.asdict(cfg.upscale) if cfg.upscale.model is not None else None
     pairs = loras(cfg)
     lora = {"lora": [r for r, _ in pairs], "lora_scale": [w for _, w in pairs]} if pairs else {}

@@ -101,7 +101,7 @@ class LongResult:
 
 
 def measure(pipe, pairs: Sequence[tuple[str, int]], mode: str, num_frames: int, *, steps_: int, guidance: float,
-            overlap: int = 4, pin_noise: float = 0.6) -> tuple[LongResult, list[np.ndarray]]:
+            overlap: int = 4, pin_noise: float = 0.3) -> tuple[LongResult, list[np.ndarray]]:
     """Generate one video per (prompt, seed) pair in `mode` and read them back (module docstring). Modes:
     plain | free-noise | sliding (num_frames long); i2v (16 frames from the renderer's first frame);
     continue (clips of 16 continuing `overlap` frames, num_frames long in all); loop (16 frames, loop=True)."""

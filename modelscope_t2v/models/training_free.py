@@ -1,5 +1,6 @@
-"""Training-free changes to the UNet's computation, named as diffusers names them: FreeU (arXiv 2309.11497)
-and FreeNoise's windowed temporal attention (arXiv 2310.15169). Pure functions; the UNet holds the switches.
+"""Training-free changes to the UNet's computation, named as diffusers names them: FreeU (arXiv 2309.11497),
+FreeNoise's windowed temporal attention (arXiv 2310.15169) and DeepCache's feature reuse (arXiv 2312.00858).
+Pure functions and small state objects; the UNet holds the switches, the pipeline owns a DeepCache's state.
 
 FreeU, in the first two up-levels before each skip concatenation: the first half of the backbone channels
 times b_i, and the skip features' lowest spatial frequencies (the central 2 x 2 of the shifted spectrum)
@@ -18,6 +19,42 @@ import torch
 from torch import Tensor
 
 WEIGHTING_SCHEMES = ("flat", "pyramid", "delayed_reverse_sawtooth")
+
+
+@dataclass
+class DeepCache:
+    """DeepCache (Ma et al. 2023): the UNet cut at skip connection `branch` (0: conv_in's, the shallowest; DeepCache's
+    `cache_branch_id`). A full forward stores `feature`, the up path's input where it takes that skip; while a
+    feature is stored, a forward runs only conv_in, the down layers up to the branch and the up layers from it
+    (the shallow branch), starting the up path from the stored feature. `feature = None` asks for a full step."""
+
+    branch: int = 0
+    feature: Tensor | None = None
+
+
+def deepcache_full_steps(steps: int, interval: int, uniform: bool = True, pow: float = 1.4, center: int = 15) -> list[int]:
+    """The steps that run the whole UNet. Uniform: 0, interval, 2 interval, ... Non-uniform (DeepCache's paper,
+    sec. 4.3): ceil(steps / interval) steps, denser around `center`: unique ints of l^pow + center for l evenly
+    spaced over [(-center)^(1/pow), (steps - center)^(1/pow)] (the real part of the odd root, as numpy takes it);
+    pow is lowered by 0.02 until that gives enough distinct steps."""
+    if isinstance(interval, bool) or not isinstance(interval, int) or interval < 1:
+        raise ValueError(f"cache_interval must be a positive int, got {interval!r}")
+    if uniform or interval == 1:
+        return list(range(0, steps, interval))
+    import numpy as np
+
+    n = -(-steps // interval)
+    p = float(pow)
+    while p > 1:
+        lo = complex(-center) ** (1 / p)
+        hi = complex(steps - center) ** (1 / p)
+        values = (np.linspace(lo, hi, n + 1) ** p).real  # complex for l < 0: DeepCache keeps the real part
+        picked = [0] + [int(v) + center for v in np.unique(values.astype(np.int32))[1:-1]]
+        if len(picked) == n:
+            return sorted(set(min(max(v, 0), steps - 1) for v in picked))
+        p -= 0.02
+    raise ValueError(f"non-uniform DeepCache: no schedule of {n} full steps for {steps} steps around center={center}; "
+                     "use uniform=True or another center / pow")
 
 
 @dataclass(frozen=True)

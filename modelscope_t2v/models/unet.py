@@ -42,7 +42,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from .base import Model, require_bool_list, require_bools, require_float, require_int_list, require_ints
-from .training_free import FrameWindows, FreeU
+from .training_free import DeepCache, FrameWindows, FreeU
 
 
 # ---------------------------------------------------------------------------------------------
@@ -474,11 +474,17 @@ class UNet3D(Model):
         timestep: Tensor | float | int,
         encoder_hidden_states: Tensor,
         timestep_cond: Tensor | None = None,
+        deep_cache: DeepCache | None = None,
     ) -> Tensor:
         """sample (b, c, f, h, w); timestep a number, a 0-d or (b,) tensor; encoder_hidden_states
-        (b, n, cross_attention_dim); timestep_cond (b, timestep_cond_dim) or None.
+        (b, n, cross_attention_dim); timestep_cond (b, timestep_cond_dim) or None; deep_cache: a DeepCache
+        whose feature this call stores (a full forward) or reuses (the shallow branch only).
         Returns the noise prediction (b, out_channels, f, h, w)."""
         b, f = self._check_inputs(sample, encoder_hidden_states, timestep_cond)  # batch, frames
+        shallow = deep_cache is not None and deep_cache.feature is not None
+        cut = self.num_skips - 1 - deep_cache.branch if deep_cache is not None else -1  # the up layer taking the branch
+        if deep_cache is not None and not 0 <= deep_cache.branch < self.num_skips:
+            raise ValueError(f"UNet3D: deep_cache.branch must be in [0, {self.num_skips - 1}], got {deep_cache.branch}")
         t = self._timesteps(timestep, b, sample.device)  # b
         emb = timestep_embedding(t, self.config.block_channels[0]).to(self.dtype)  # b c0
         emb = self.time_mlp(emb, timestep_cond)  # b 4c0
@@ -493,27 +499,49 @@ class UNet3D(Model):
         skips = [x]  # every skip connection, (b f) ci hi wi, consumed last-in first-out
         for level in self.down_levels:
             for block in level.blocks:
+                if shallow and len(skips) > deep_cache.branch:
+                    break  # DeepCache: the down path stops at the branch
                 x = self._run(block, x, emb, context, f)  # (b f) ci hi wi
                 skips.append(x)
-            if level.downsample is not None:
+            if level.downsample is not None and not (shallow and len(skips) > deep_cache.branch):
                 x = level.downsample(x)  # (b f) ci hi/2 wi/2
                 skips.append(x)
 
-        for block in self.mid_blocks:
-            x = self._run(block, x, emb, context, f)  # (b f) cL hL wL
+        if not shallow:
+            for block in self.mid_blocks:
+                x = self._run(block, x, emb, context, f)  # (b f) cL hL wL
 
+        u = 0  # the up layer's index (layer u takes skip num_skips - 1 - u)
         for i, level in enumerate(self.up_levels):
+            ran = False
             for block in level.blocks:
+                u += 1
+                if u - 1 < cut and shallow:
+                    continue  # DeepCache: deeper than the branch, replaced by the stored feature
+                if u - 1 == cut:
+                    if shallow:
+                        x = deep_cache.feature
+                        if x.shape[0] != skips[-1].shape[0]:
+                            raise ValueError(f"UNet3D: the DeepCache feature is for a batch of {x.shape[0]} frames, "
+                                             f"this call has {skips[-1].shape[0]}; start with a full step")
+                    else:
+                        deep_cache.feature = x  # (b f) ci hi wi, before FreeU and the skip
+                ran = True
                 skip = skips.pop()  # (b f) cskip hi wi
                 if self.freeu is not None:
                     x, skip = self.freeu.backbone_and_skip(i, x, skip)
                 x = torch.cat([x, skip], dim=1)  # (b f) (ci + cskip) hi wi
                 x = self._run(block, x, emb, context, f)  # (b f) ci hi wi
-            if level.upsample is not None:
+            if level.upsample is not None and ran:
                 x = level.upsample(x, skips[-1].shape[-2:])  # (b f) ci h(i-1) w(i-1)
 
         x = self.conv_out(F.silu(self.norm_out(x)))  # (b f) c_out h w
         return rearrange(x, "(b f) c h w -> b c f h w", b=b)  # b c_out f h w
+
+    @property
+    def num_skips(self) -> int:
+        """The skip connections (DeepCache's branches): conv_in's, one per down block, one per downsampler."""
+        return 1 + sum(len(level.blocks) + (level.downsample is not None) for level in self.down_levels)
 
     def _run(self, module: nn.Module, *args: Any) -> Tensor:
         if self.gradient_checkpointing and self.training and torch.is_grad_enabled():

@@ -28,6 +28,7 @@ from ..models.vae import AutoencoderKL
 from ..schedulers import scheduler_from_config
 from ..video_io import VideoFrames, video_to_tensor
 from .. import lora
+from .acceleration import AccelerationMethods
 from .checks import check_call, check_fits, finite_number, finite_tensor, lora_call_scale, positive_int, require_finite
 from .long_video import LongVideoMethods
 from .lora import LoraMethods
@@ -42,7 +43,7 @@ class TextToVideoSDPipelineOutput:
     frames: Any
 
 
-class TextToVideoSDPipeline(LoraMethods, LongVideoMethods):
+class TextToVideoSDPipeline(LoraMethods, LongVideoMethods, AccelerationMethods):
     """Text-to-video with the ModelScope space-time UNet (components as in diffusers' pipeline)."""
 
     video_to_video: ClassVar[bool] = False  # what a call without `video=` does (VideoToVideoSDPipeline: True)
@@ -127,6 +128,7 @@ class TextToVideoSDPipeline(LoraMethods, LongVideoMethods):
         out._progress = dict(pipe._progress)
         # the long-video switches are the pipeline's (immutable values: the two pipelines switch independently)
         out._free_noise, out._sliding_windows, out._free_init = pipe._free_noise, pipe._sliding_windows, pipe._free_init
+        out._deepcache = pipe._deepcache
         out.name_or_path = getattr(pipe, "name_or_path", None)
         return out
 
@@ -407,8 +409,16 @@ class TextToVideoSDPipeline(LoraMethods, LongVideoMethods):
             cond = guidance_scale_embedding(w, unet.config.timestep_cond_dim)  # b d, float32 as the references
             extra["timestep_cond"] = cond.to(latents.device, context.dtype)
 
+        cache = self._deepcache_plan(len(timesteps))  # DeepCache: (its state, the full steps), if on
+
         def unet_call(x: torch.Tensor, ctx: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            return unet(scale_in(x, t), t, encoder_hidden_states=ctx, **extra)  # b c f h w (2b when guided)
+            kw = extra
+            if cache is not None:
+                state, full = cache
+                if step[0] in full:
+                    state.feature = None  # this step runs the whole UNet and stores the feature anew
+                kw = {**extra, "deep_cache": state}
+            return unet(scale_in(x, t), t, encoder_hidden_states=ctx, **kw)  # b c f h w (2b when guided)
 
         def model_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             out = self._windowed_unet(lambda xw, ctx: unet_call(xw, ctx, t), x, context)  # sliding windows, if on
@@ -512,7 +522,7 @@ class TextToVideoSDPipeline(LoraMethods, LongVideoMethods):
         image_strength: float = 1.0,
         init_video=None,
         num_init_frames: int | None = None,
-        pin_noise: float = 0.6,
+        pin_noise: float = 0.3,
     ):
         """Generate videos (diffusers 0.42's arguments and defaults: 16 frames, 50 steps, guidance_scale 9.0;
         the last six are additions; a model's generation defaults in model_index.json replace diffusers').
@@ -534,6 +544,7 @@ class TextToVideoSDPipeline(LoraMethods, LongVideoMethods):
         timestep (diffusers silently ignores them); otherwise the video is encoded and noised as diffusers does.
         """
         video_to_video = video is not None or self.video_to_video
+        self._check_acceleration()
         guidance_scale = self.resolve_guidance_scale(guidance_scale, video_to_video=video_to_video)
         if num_inference_steps is None:
             num_inference_steps = self.default_num_inference_steps or 50

@@ -1,0 +1,67 @@
+"""Approximate speed-ups of sampling, switched on the pipeline with their authors' names and measured in
+docs/benchmarks.md: DeepCache (`enable_deepcache`, arXiv 2312.00858) reuses the UNet's deep features between
+steps and runs only its shallow branch on the others.
+
+Why here: they change what is generated (a little), so they are never on by default and never silent; the
+exact path (the same numbers as diffusers) stays the default.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..models.training_free import DeepCache, deepcache_full_steps
+
+
+@dataclass(frozen=True)
+class DeepCacheSettings:
+    cache_interval: int = 3
+    cache_branch_id: int = 0
+    uniform: bool = True
+    pow: float = 1.4
+    center: int = 15
+
+
+class AccelerationMethods:
+    """The pipeline methods of this module (mixed into TextToVideoSDPipeline)."""
+
+    _deepcache: DeepCacheSettings | None = None
+
+    def enable_deepcache(self, cache_interval: int = 3, cache_branch_id: int = 0, uniform: bool = True,
+                         pow: float = 1.4, center: int = 15):
+        """DeepCache, as its helper names it: every `cache_interval`-th step runs the whole UNet and stores the up
+        path's input at skip connection `cache_branch_id` (0: conv_in's, the shallowest and fastest; up to
+        unet.num_skips - 1); the steps between run only the layers above that skip. `uniform=False`: the paper's
+        non-uniform schedule, full steps denser around step `center` (exponent `pow`)."""
+        if isinstance(cache_interval, bool) or not isinstance(cache_interval, int) or cache_interval < 1:
+            raise ValueError(f"cache_interval must be a positive int, got {cache_interval!r}")
+        n = self.unet.num_skips
+        if isinstance(cache_branch_id, bool) or not isinstance(cache_branch_id, int) or not 0 <= cache_branch_id < n:
+            raise ValueError(f"cache_branch_id must be an int in [0, {n - 1}] (this UNet's skip connections), "
+                             f"got {cache_branch_id!r}")
+        if not isinstance(uniform, bool):
+            raise TypeError(f"uniform must be True or False, got {uniform!r}")
+        if isinstance(pow, bool) or not isinstance(pow, (int, float)) or not pow > 1:
+            raise ValueError(f"pow must be a number > 1, got {pow!r}")
+        if isinstance(center, bool) or not isinstance(center, int) or center < 0:
+            raise ValueError(f"center must be an int >= 0, got {center!r}")
+        self._deepcache = DeepCacheSettings(cache_interval, cache_branch_id, uniform, float(pow), center)
+
+    def disable_deepcache(self):
+        self._deepcache = None
+
+    @property
+    def deepcache_enabled(self) -> bool:
+        return self._deepcache is not None
+
+    def _check_acceleration(self) -> None:
+        if self._deepcache is not None and getattr(self, "_sliding_windows", None) is not None:
+            raise ValueError("enable_deepcache and enable_sliding_windows: DeepCache keeps one feature per step, the "
+                             "sliding windows run the UNet once per window; disable one of them")
+
+    def _deepcache_plan(self, steps: int) -> tuple[DeepCache, set[int]] | None:
+        """(the state of one sampling run, the steps that run the whole UNet), or None when DeepCache is off."""
+        d = self._deepcache
+        if d is None:
+            return None
+        return DeepCache(d.cache_branch_id), set(deepcache_full_steps(steps, d.cache_interval, d.uniform, d.pow, d.center))

@@ -1,0 +1,127 @@
+"""DeepCache (issue 16): the UNet cut at each skip connection reuses exactly the feature a full forward
+computes (so at the same inputs the shallow branch's output is the full output, bit for bit), the schedules of
+full steps (uniform, and the paper's non-uniform one as DeepCache's code computes it), the pipeline switch (an
+interval of 1 is plain sampling; interval k runs the deep layers on every k-th step only), sample.py, bad input."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+from modelscope_t2v.models.training_free import DeepCache, deepcache_full_steps
+from modelscope_t2v.models.unet import UNet3D
+from modelscope_t2v.pipelines import TextToVideoSDPipeline
+from refs import perturb_
+from test_unet import TINY
+
+# three levels of two blocks, as Stable Diffusion's and ModelScope's four levels are laid out: 1 + 3 x 2 + 2 skips
+THREE_LEVELS = dataclasses.replace(TINY, block_channels=(32, 32, 64), layers_per_block=2,
+                                   attention_levels=(True, True, False))
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    p = TextToVideoSDPipeline.from_preset("tiny", seed=0)
+    p.set_progress_bar_config(disable=True)
+    return p
+
+
+def _run(pipe, **kw):
+    kw.setdefault("num_inference_steps", 6)
+    kw.setdefault("num_frames", 4)
+    return pipe("a red circle", generator=torch.Generator().manual_seed(0), output_type="np", **kw).frames
+
+
+@pytest.mark.parametrize("config", [TINY, THREE_LEVELS], ids=["tiny", "three-levels"])
+@torch.no_grad()
+def test_every_branch_reuses_exactly_the_full_forwards_feature(config):
+    torch.manual_seed(0)
+    unet = UNet3D(config).eval()
+    perturb_(unet)
+    levels, layers = len(config.block_channels), config.layers_per_block
+    assert unet.num_skips == 1 + levels * layers + (levels - 1)  # ms-1.7b: 1 + 4 x 2 + 3 = 12, DeepCache's SD count
+    x = torch.randn(2, 4, 3, 8, 8)
+    ctx = torch.randn(2, 5, config.cross_attention_dim)
+    plain = unet(x, 500, ctx)
+    other = unet(x, 300, ctx)
+    gaps = []
+    for branch in range(unet.num_skips):
+        state = DeepCache(branch)
+        assert torch.equal(unet(x, 500, ctx, deep_cache=state), plain)  # a full step: unchanged, and it stores
+        assert state.feature is not None
+        assert torch.equal(unet(x, 500, ctx, deep_cache=state), plain)  # the shallow branch at the same inputs
+        gaps.append(float((unet(x, 300, ctx, deep_cache=state) - other).abs().max()))  # a stale deep feature
+    assert all(g > 1e-4 for g in gaps)
+    assert gaps[-1] < gaps[0]  # the deepest cut recomputes the most
+    with pytest.raises(ValueError, match="deep_cache.branch must be in"):
+        unet(x, 500, ctx, deep_cache=DeepCache(unet.num_skips))
+    state = DeepCache(0)
+    unet(x, 500, ctx, deep_cache=state)
+    with pytest.raises(ValueError, match="start with a full step"):
+        unet(x[:1], 500, ctx[:1], deep_cache=state)
+
+
+def test_full_step_schedules():
+    assert deepcache_full_steps(10, 3) == [0, 3, 6, 9] and deepcache_full_steps(5, 1) == [0, 1, 2, 3, 4]
+    # DeepCache's stable_diffusion.py setting for SD 1.5 (50 PLMS steps, interval 5, pow 1.4, center 15)
+    assert deepcache_full_steps(50, 5, uniform=False, pow=1.4, center=15) == [0, 5, 9, 13, 17, 21, 26, 31, 37, 43]
+    with pytest.raises(ValueError, match="cache_interval must be a positive int"):
+        deepcache_full_steps(10, 0)
+
+
+def test_pipeline_deepcache(pipe):
+    plain = _run(pipe)
+    calls = []
+    hook = pipe.unet.mid_blocks[0].register_forward_hook(lambda *a: calls.append(1))
+    try:
+        pipe.enable_deepcache(cache_interval=1)
+        assert np.array_equal(_run(pipe), plain)  # every step full: plain sampling, bit for bit
+        calls.clear()
+        pipe.enable_deepcache(cache_interval=3, cache_branch_id=0)
+        cached = _run(pipe)
+        assert len(calls) == 2  # steps 0 and 3 of 6 ran the deep layers
+        other = TextToVideoSDPipeline.from_pipe(pipe)
+        assert other.deepcache_enabled
+        other.disable_deepcache()
+        assert pipe.deepcache_enabled and np.array_equal(_run(other), plain)
+    finally:
+        hook.remove()
+        pipe.disable_deepcache()
+    assert np.isfinite(cached).all() and 1e-4 < np.abs(cached - plain).mean() < 0.5
+    assert np.array_equal(_run(pipe), plain)
+
+
+def test_bad_deepcache_settings_are_refused(pipe):
+    n = pipe.unet.num_skips
+    with pytest.raises(ValueError, match=f"cache_branch_id must be an int in \\[0, {n - 1}\\]"):
+        pipe.enable_deepcache(cache_branch_id=n)
+    with pytest.raises(ValueError, match="cache_interval must be a positive int"):
+        pipe.enable_deepcache(cache_interval=0)
+    with pytest.raises(ValueError, match="pow must be a number > 1"):
+        pipe.enable_deepcache(uniform=False, pow=1.0)
+    pipe.enable_deepcache()
+    pipe.enable_sliding_windows(context_length=4)
+    try:
+        with pytest.raises(ValueError, match="enable_deepcache and enable_sliding_windows"):
+            _run(pipe)
+    finally:
+        pipe.disable_sliding_windows()
+        pipe.disable_deepcache()
+
+
+def test_sample_py_deepcache(tmp_path):
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    import sample
+    from modelscope_t2v.data.decode import read_all_frames
+
+    base = dict(prompt="a red circle", model="tiny", steps=4, num_frames=4, progress=False, device="cpu")
+    out = sample.generate({**base, "deepcache": 2, "deepcache_branch": 1, "out": str(tmp_path / "a.mp4")})
+    assert read_all_frames(out).shape[0] == 4
+    with pytest.raises(ValueError, match="deepcache must be an integer >= 1"):
+        sample.generate({**base, "deepcache": 0, "out": str(tmp_path / "b.mp4")})
