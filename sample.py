@@ -122,6 +122,7 @@ class SampleConfig:
     # Approximate speed-ups (pipelines/acceleration.py, docs/benchmarks.md)
     deepcache: Optional[int] = None  # DeepCache's cache_interval (e.g. 3): the whole UNet every that many steps
     deepcache_branch: int = 0  # DeepCache's cache_branch_id: the skip connection the shallow steps run up to
+    guidance_cache: Optional[int] = None  # the unconditional branch every that many steps (e.g. 2), reused between
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -302,11 +303,15 @@ def _check_long(cfg: SampleConfig) -> None:
             raise ValueError(f"deepcache_branch must be an int >= 0, got {cfg.deepcache_branch!r}")
         if cfg.sliding_windows:
             raise ValueError("deepcache and sliding_windows: DeepCache keeps one feature per step; choose one")
+    if cfg.guidance_cache is not None:
+        _positive_int("guidance_cache", cfg.guidance_cache)
 
 
 def _long_switches(cfg: SampleConfig, pipe) -> None:
     if cfg.deepcache is not None:
         pipe.enable_deepcache(cache_interval=cfg.deepcache, cache_branch_id=cfg.deepcache_branch)
+    if cfg.guidance_cache is not None:
+        pipe.enable_guidance_cache(cache_interval=cfg.guidance_cache)
     if cfg.free_noise:
         pipe.enable_free_noise()
     if cfg.sliding_windows:
@@ -392,7 +397,8 @@ def _request(cfg: SampleConfig) -> dict[str, Any]:
     """The settings that decide a video besides its prompt and seed (a sidecar's key to resume by)."""
     keep = ("model", "sampler", "steps", "guidance", "spacing", "eta", "num_frames", "height", "width", "fps",
             "dtype", "image", "last_image", "loop", "image_strength", "pin_noise", "clips", "clip_overlap", "free_noise",
-            "sliding_windows", "freeu", "free_init", "deepcache", "deepcache_branch")
+            "sliding_windows", "freeu", "free_init", "deepcache", "deepcache_branch",
+            "guidance_cache")
     up = dataclasses.asdict(cfg.upscale) if cfg.upscale.model is not None else None
     pairs = loras(cfg)
     lora = {"lora": [r for r, _ in pairs], "lora_scale": [w for _, w in pairs]} if pairs else {}

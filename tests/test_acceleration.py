@@ -121,7 +121,35 @@ def test_sample_py_deepcache(tmp_path):
     from modelscope_t2v.data.decode import read_all_frames
 
     base = dict(prompt="a red circle", model="tiny", steps=4, num_frames=4, progress=False, device="cpu")
-    out = sample.generate({**base, "deepcache": 2, "deepcache_branch": 1, "out": str(tmp_path / "a.mp4")})
+    out = sample.generate({**base, "deepcache": 2, "deepcache_branch": 1, "guidance_cache": 2, "guidance": 5.0,
+                           "out": str(tmp_path / "a.mp4")})
     assert read_all_frames(out).shape[0] == 4
     with pytest.raises(ValueError, match="deepcache must be an integer >= 1"):
         sample.generate({**base, "deepcache": 0, "out": str(tmp_path / "b.mp4")})
+
+
+def test_guidance_cache(pipe):
+    plain = _run(pipe, guidance_scale=7.0)
+    batches = []
+    hook = pipe.unet.register_forward_pre_hook(lambda m, args: batches.append(args[0].shape[0]))
+    try:
+        pipe.enable_guidance_cache(cache_interval=1)
+        assert np.array_equal(_run(pipe, guidance_scale=7.0), plain)  # both branches every step: plain guidance
+        batches.clear()
+        pipe.enable_guidance_cache(cache_interval=3)
+        cached = _run(pipe, guidance_scale=7.0)
+        assert batches == [2, 1, 1, 2, 1, 1]  # the unconditional branch on steps 0 and 3 only
+        batches.clear()
+        pipe.enable_deepcache(cache_interval=2)  # DeepCache's full steps 0, 2, 4 run both branches too
+        both = _run(pipe, guidance_scale=7.0)
+        assert batches == [2, 1, 2, 2, 2, 1]
+        batches.clear()
+        assert np.array_equal(_run(pipe, guidance_scale=1.0), _run(pipe.__class__.from_pipe(pipe), guidance_scale=1.0))
+    finally:
+        hook.remove()
+        pipe.disable_guidance_cache()
+        pipe.disable_deepcache()
+    for v in (cached, both):
+        assert np.isfinite(v).all() and 1e-4 < np.abs(v - plain).mean() < 0.5
+    with pytest.raises(ValueError, match="cache_interval must be a positive int"):
+        pipe.enable_guidance_cache(0)

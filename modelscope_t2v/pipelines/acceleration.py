@@ -1,6 +1,12 @@
 """Approximate speed-ups of sampling, switched on the pipeline with their authors' names and measured in
 docs/benchmarks.md: DeepCache (`enable_deepcache`, arXiv 2312.00858) reuses the UNet's deep features between
-steps and runs only its shallow branch on the others.
+steps and runs only its shallow branch on the others; the guidance cache (`enable_guidance_cache`, FasterCache's
+CFG-Cache idea, arXiv 2410.19355, without its frequency reweighting) runs the unconditional branch only every
+few steps and reuses the last difference between the two branches in between.
+
+Together: a DeepCache full step is always a two-branch step (its stored feature then holds both branches, and a
+one-branch step uses the conditional half), so the deep feature and the guidance difference come from the same
+steps.
 
 Why here: they change what is generated (a little), so they are never on by default and never silent; the
 exact path (the same numbers as diffusers) stays the default.
@@ -9,6 +15,9 @@ exact path (the same numbers as diffusers) stays the default.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
+
+import torch
 
 from ..models.training_free import DeepCache, deepcache_full_steps
 
@@ -26,6 +35,7 @@ class AccelerationMethods:
     """The pipeline methods of this module (mixed into TextToVideoSDPipeline)."""
 
     _deepcache: DeepCacheSettings | None = None
+    _guidance_cache: int | None = None  # its cache_interval
 
     def enable_deepcache(self, cache_interval: int = 3, cache_branch_id: int = 0, uniform: bool = True,
                          pow: float = 1.4, center: int = 15):
@@ -54,6 +64,17 @@ class AccelerationMethods:
     def deepcache_enabled(self) -> bool:
         return self._deepcache is not None
 
+    def enable_guidance_cache(self, cache_interval: int = 2):
+        """Classifier-free guidance with the unconditional branch every `cache_interval`-th step (and on every
+        DeepCache full step): in between, guided = cond + (scale - 1) (cond - uncond) of the last two-branch step,
+        one UNet batch instead of two. cache_interval=1 is plain guidance."""
+        if isinstance(cache_interval, bool) or not isinstance(cache_interval, int) or cache_interval < 1:
+            raise ValueError(f"cache_interval must be a positive int, got {cache_interval!r}")
+        self._guidance_cache = cache_interval
+
+    def disable_guidance_cache(self):
+        self._guidance_cache = None
+
     def _check_acceleration(self) -> None:
         if self._deepcache is not None and getattr(self, "_sliding_windows", None) is not None:
             raise ValueError("enable_deepcache and enable_sliding_windows: DeepCache keeps one feature per step, the "
@@ -65,3 +86,26 @@ class AccelerationMethods:
         if d is None:
             return None
         return DeepCache(d.cache_branch_id), set(deepcache_full_steps(steps, d.cache_interval, d.uniform, d.pow, d.center))
+
+    def _guidance_plan(self, steps: int, deepcache_full: set[int] | None) -> set[int] | None:
+        """The steps that run both guidance branches (every one when the guidance cache is off: None)."""
+        if self._guidance_cache is None:
+            return None
+        return set(range(0, steps, self._guidance_cache)) | (deepcache_full or set())
+
+
+def cached_guidance(both: Callable, cond: Callable, scale: float, two_branch_steps: set[int],
+                    step: Callable[[], int]) -> Callable:
+    """A guided model_fn(x, t): on `two_branch_steps` (and until a difference is stored) `both(cat([x, x]), t)` (the
+    unconditional half first) guided as `samplers.cfg_model_fn` guides it, storing cond - uncond; on the other
+    steps `cond(x, t) + (scale - 1) * the stored difference`. `step()` is the index of the step being computed."""
+    delta: list[torch.Tensor | None] = [None]
+
+    def guided(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        if delta[0] is None or step() in two_branch_steps:
+            uncond, c = both(torch.cat([x, x]), t).chunk(2)
+            delta[0] = c - uncond
+            return uncond + scale * (c - uncond)
+        return cond(x, t) + (scale - 1) * delta[0]
+
+    return guided

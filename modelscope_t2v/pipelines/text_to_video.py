@@ -23,12 +23,13 @@ from ..formats import folders
 from ..formats.folders import released_scheduler_config
 from ..formats.locate import detect_layout, resolve
 from ..models import TEXT_PRESETS, UNET_PRESETS, VAE_PRESETS, build_text_encoder, build_tokenizer, tokenize
+from ..models.training_free import DeepCache
 from ..models.unet import UNet3D
 from ..models.vae import AutoencoderKL
 from ..schedulers import scheduler_from_config
 from ..video_io import VideoFrames, video_to_tensor
 from .. import lora
-from .acceleration import AccelerationMethods
+from .acceleration import AccelerationMethods, cached_guidance
 from .checks import check_call, check_fits, finite_number, finite_tensor, lora_call_scale, positive_int, require_finite
 from .long_video import LongVideoMethods
 from .lora import LoraMethods
@@ -128,7 +129,7 @@ class TextToVideoSDPipeline(LoraMethods, LongVideoMethods, AccelerationMethods):
         out._progress = dict(pipe._progress)
         # the long-video switches are the pipeline's (immutable values: the two pipelines switch independently)
         out._free_noise, out._sliding_windows, out._free_init = pipe._free_noise, pipe._sliding_windows, pipe._free_init
-        out._deepcache = pipe._deepcache
+        out._deepcache, out._guidance_cache = pipe._deepcache, pipe._guidance_cache
         out.name_or_path = getattr(pipe, "name_or_path", None)
         return out
 
@@ -417,7 +418,14 @@ class TextToVideoSDPipeline(LoraMethods, LongVideoMethods, AccelerationMethods):
                 state, full = cache
                 if step[0] in full:
                     state.feature = None  # this step runs the whole UNet and stores the feature anew
-                kw = {**extra, "deep_cache": state}
+                    kw = {**extra, "deep_cache": state}
+                elif state.feature is not None and state.feature.shape[0] == 2 * x.shape[0] * x.shape[2]:
+                    # a one-branch step of the guidance cache: the conditional half of a two-branch feature
+                    kw = {**extra, "deep_cache": DeepCache(state.branch, state.feature.chunk(2)[1])}
+                else:
+                    kw = {**extra, "deep_cache": state}
+            if x.shape[0] < ctx.shape[0]:  # the conditional branch alone (guidance cache): its context
+                ctx = ctx[ctx.shape[0] - x.shape[0]:]
             return unet(scale_in(x, t), t, encoder_hidden_states=ctx, **kw)  # b c f h w (2b when guided)
 
         def model_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -426,7 +434,11 @@ class TextToVideoSDPipeline(LoraMethods, LongVideoMethods, AccelerationMethods):
             return out
 
         if self._two_branches(guidance_scale):  # the context holds the unconditional branch first
-            model_fn = cfg_model_fn(model_fn, guidance_scale)
+            two = self._guidance_plan(len(timesteps), cache[1] if cache is not None else None)
+            if two is None:
+                model_fn = cfg_model_fn(model_fn, guidance_scale)
+            else:  # the guidance cache: the same model_fn, called with the conditional batch alone in between
+                model_fn = cached_guidance(model_fn, model_fn, guidance_scale, two, lambda: step[0])
 
         bar = tqdm(total=len(timesteps), **{"desc": "denoising", **self._progress})
 
