@@ -39,7 +39,10 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 import sys
+from contextlib import contextmanager
+from typing import NamedTuple
 from dataclasses import asdict
 from pathlib import Path
 
@@ -54,9 +57,38 @@ from modelscope_t2v.eval import shapes as se
 DEFAULT_SETTINGS = ["ddim:50", "dpm++2m:10", "dpm++2m:25"]
 
 
-def parse_setting(text: str) -> tuple[str, int, str | None]:
-    """'dpm++2m:25' -> ('dpm++2m', 25, None); 'ddim:1000:trailing' -> ('ddim', 1000, 'trailing').
+class Setting(NamedTuple):
+    """A sampler setting: SAMPLER:STEPS[:SPACING], and the speed-ups after '+' (deepcache=INTERVAL[/BRANCH],
+    guidance_cache=INTERVAL) as (name, values) pairs."""
+
+    sampler: str
+    steps: int
+    spacing: str | None
+    extras: tuple = ()
+
+    @property
+    def label(self) -> str:
+        extras = "".join(f"+{k}={'/'.join(map(str, v))}" for k, v in self.extras)
+        return f"{self.sampler}:{self.steps}" + (f":{self.spacing}" if self.spacing else "") + extras
+
+
+SPEEDUPS = {"deepcache": (1, 2), "guidance_cache": (1, 1)}  # name -> (min, max) number of ints
+
+
+def parse_setting(text: str) -> Setting:
+    """'dpm++2m:25' -> ('dpm++2m', 25, None); 'ddim:1000:trailing' -> ('ddim', 1000, 'trailing');
+    'unipc:10+deepcache=3/0+guidance_cache=2' adds DeepCache (interval 3, branch 0) and the guidance cache.
     argparse-friendly errors name the setting."""
+    text, *mods = re.split(r"\+(?=[a-z_]+=)", text)  # '+name=' starts a speed-up ('dpm++2m' keeps its '+')
+    extras = []
+    for mod in mods:
+        name, _, values = mod.partition("=")
+        low, high = SPEEDUPS.get(name, (0, 0))
+        ints = values.split("/") if values else []
+        if name not in SPEEDUPS or not low <= len(ints) <= high or not all(v.isdigit() for v in ints):
+            raise argparse.ArgumentTypeError(f"setting {text!r}: speed-up {mod!r} must be deepcache=INTERVAL[/BRANCH] "
+                                             "or guidance_cache=INTERVAL")
+        extras.append((name, tuple(int(v) for v in ints)))
     parts = text.split(":")
     if len(parts) not in (2, 3) or not parts[1].isdigit() or not 1 <= int(parts[1]) <= 1000:
         raise argparse.ArgumentTypeError(f"setting {text!r} must be SAMPLER:STEPS[:SPACING] with 1 <= STEPS <= 1000")
@@ -64,12 +96,27 @@ def parse_setting(text: str) -> tuple[str, int, str | None]:
     if spacing not in (None, "leading", "linspace", "trailing"):
         raise argparse.ArgumentTypeError(f"setting {text!r}: SPACING must be leading, linspace or trailing")
     try:
-        return schedulers.sampler_name(parts[0]), int(parts[1]), spacing
+        return Setting(schedulers.sampler_name(parts[0]), int(parts[1]), spacing, tuple(extras))
     except ValueError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
-def parse_setting_or_none(text: str) -> tuple[str, int, str | None] | None:
+@contextmanager
+def speedups(pipe, setting: Setting):
+    """The setting's DeepCache / guidance cache switched on for a block, off again afterwards."""
+    for name, values in setting.extras:
+        if name == "deepcache":
+            pipe.enable_deepcache(*values)
+        else:
+            pipe.enable_guidance_cache(*values)
+    try:
+        yield
+    finally:
+        pipe.disable_deepcache()
+        pipe.disable_guidance_cache()
+
+
+def parse_setting_or_none(text: str) -> Setting | None:
     return None if text == "none" else parse_setting(text)
 
 
@@ -168,9 +215,9 @@ def run(args: argparse.Namespace) -> dict:
     prompts = [p for p, _ in pairs]
 
     def videos(setting, subset):
-        sampler, steps, spacing = setting
-        return se.run_setting(pipe, subset, sampler, steps, config=released, guidance=guidance,
-                              spacing=spacing, batch_size=args.batch_size)
+        with speedups(pipe, setting):
+            return se.run_setting(pipe, subset, setting.sampler, setting.steps, config=released, guidance=guidance,
+                                  spacing=setting.spacing, batch_size=args.batch_size)
 
     guidance = pipe.resolve_guidance_scale(args.guidance)
     result = {"model": str(args.model), "lora": list(args.lora), "lora_scale": scales if args.lora else None,
@@ -188,11 +235,13 @@ def run(args: argparse.Namespace) -> dict:
         print(f"caption probe on {args.probe} held-out clips ...", file=sys.stderr, flush=True)
         result["probe"] = se.caption_probe(pipe, args.probe)
         result["probe_start_images"] = se.caption_probe(pipe, args.probe, start_images=True)
-    for sampler, steps, spacing in settings:
-        print(f"{sampler}:{steps} on {args.pairs} pairs ...", file=sys.stderr, flush=True)
-        vids, seconds = videos((sampler, steps, spacing), pairs)
+    for setting in settings:
+        sampler, steps = setting.sampler, setting.steps
+        print(f"{setting.label} on {args.pairs} pairs ...", file=sys.stderr, flush=True)
+        vids, seconds = videos(setting, pairs)
         readings = [se.read_video(v) for v in vids]
-        row = {"sampler": sampler, "steps": steps, "spacing": pipe.scheduler.config.timestep_spacing, "accuracy": se.accuracy(prompts, readings),
+        row = {"sampler": sampler, "steps": steps, "setting": setting.label,
+               "speedups": "".join(f" +{k}={'/'.join(map(str, v))}" for k, v in setting.extras), "spacing": pipe.scheduler.config.timestep_spacing, "accuracy": se.accuracy(prompts, readings),
                "seconds": seconds, "seconds_per_video": seconds / len(pairs),
                "readings": [{"prompt": p, "seed": s, **asdict(r)} for (p, s), r in zip(pairs, readings)]}
         if ref_videos is not None:
@@ -202,7 +251,7 @@ def run(args: argparse.Namespace) -> dict:
         result["settings"].append(row)
         if args.videos is not None:
             for (p, s), v in zip(pairs, vids):
-                name = f"{sampler}-{steps}/{s:03d}-{p.replace(' ', '-')}.mp4"
+                name = f"{setting.label.replace(':', '-').replace('+', '_').replace('/', '-')}/{s:03d}-{p.replace(' ', '-')}.mp4"
                 (args.videos / name).parent.mkdir(parents=True, exist_ok=True)
                 export_to_video(list(v), str(args.videos / name), fps=8)
     return result
@@ -260,7 +309,11 @@ def generate_sets(args: argparse.Namespace, needs_two: bool = False) -> dict[str
     if needs_two and count < 2:
         raise ValueError(f"FVD needs at least 2 videos a set (a covariance); this run makes {count}")
     sets = {}
-    for sampler, steps, spacing in settings:
+    for setting in settings:
+        if setting.extras:
+            raise ValueError(f"--settings {setting.label}: the speed-ups are measured by the shapes evaluation; "
+                             "the metric harness generates with sample.py's settings (deepcache=, guidance_cache=)")
+        sampler, steps, spacing = setting[:3]
         name = f"{sampler}-{steps}" + (f"-{spacing}" if spacing else "")
         folder = args.work / "videos" / name
         try:
@@ -297,7 +350,7 @@ def run_long(args: argparse.Namespace) -> list[dict]:
         raise ValueError(f"--pin-noise: values in [0, 1], got {args.pin_noise}")
     if args.threads:
         torch.set_num_threads(args.threads)
-    sampler, steps, spacing = args.settings[0]
+    sampler, steps, spacing = args.settings[0][:3]
     pipe = TextToVideoSDPipeline.from_pretrained(args.model)
     pipe.set_progress_bar_config(disable=True)
     pipe.scheduler = schedulers.make_sampler(sampler, dict(pipe.scheduler.config), spacing)
@@ -351,7 +404,7 @@ def table(result: dict) -> str:
     lines = [head, rule]
     for row in result["settings"]:
         a = row["accuracy"]
-        line = (f"| {row['sampler']} | {row['steps']} | {a['color']:.1%} | {a['shape']:.1%} | "
+        line = (f"| {row['sampler']}{row.get('speedups', '')} | {row['steps']} | {a['color']:.1%} | {a['shape']:.1%} | "
                 f"{a['direction']:.1%} | {a['all']:.1%} |")
         if ref:
             line += f" {row['error_vs_reference']['mean_abs']:.4f} |"

@@ -123,6 +123,7 @@ class SampleConfig:
     deepcache: Optional[int] = None  # DeepCache's cache_interval (e.g. 3): the whole UNet every that many steps
     deepcache_branch: int = 0  # DeepCache's cache_branch_id: the skip connection the shallow steps run up to
     guidance_cache: Optional[int] = None  # the unconditional branch every that many steps (e.g. 2), reused between
+    compile: bool = False  # torch.compile the UNet and the autoencoder (the first video of a size compiles: minutes)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -312,6 +313,8 @@ def _long_switches(cfg: SampleConfig, pipe) -> None:
         pipe.enable_deepcache(cache_interval=cfg.deepcache, cache_branch_id=cfg.deepcache_branch)
     if cfg.guidance_cache is not None:
         pipe.enable_guidance_cache(cache_interval=cfg.guidance_cache)
+    if cfg.compile:
+        pipe.compile()
     if cfg.free_noise:
         pipe.enable_free_noise()
     if cfg.sliding_windows:

@@ -153,3 +153,21 @@ def test_guidance_cache(pipe):
         assert np.isfinite(v).all() and 1e-4 < np.abs(v - plain).mean() < 0.5
     with pytest.raises(ValueError, match="cache_interval must be a positive int"):
         pipe.enable_guidance_cache(0)
+
+
+def test_compile_traces_without_graph_breaks_and_keeps_the_numbers():
+    # fullgraph=True fails on any graph break; the eager backend runs the traced graph with the same kernels
+    pipe = TextToVideoSDPipeline.from_preset("tiny", seed=1)
+    pipe.set_progress_bar_config(disable=True)
+    plain = _run(pipe, num_inference_steps=2)
+    v2v_plain = pipe("a red circle", video=(plain[0] * 255).astype(np.uint8), num_inference_steps=2,
+                     generator=torch.Generator().manual_seed(0), output_type="np").frames
+    torch._dynamo.reset()
+    pipe.compile(backend="eager", fullgraph=True)
+    try:
+        assert np.array_equal(_run(pipe, num_inference_steps=2), plain)
+        v2v = pipe("a red circle", video=(plain[0] * 255).astype(np.uint8), num_inference_steps=2,
+                   generator=torch.Generator().manual_seed(0), output_type="np").frames
+        assert np.array_equal(v2v, v2v_plain)
+    finally:
+        torch._dynamo.reset()

@@ -253,10 +253,16 @@ class GEGLUFeedForward(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         value, gate = self.proj_in(x).chunk(2, dim=-1)  # n l 4c, n l 4c
-        return self.proj_out(value * F.gelu(gate))  # n l c
+        if torch.is_grad_enabled() and (x.requires_grad or self.proj_in.weight.requires_grad):
+            return self.proj_out(value * F.gelu(gate))  # n l c
+        return self.proj_out(value.mul_(F.gelu(gate)))  # inference: the product in place, one buffer fewer
 
 
 FF_CHUNK_ELEMENTS = 1 << 22  # feed-forward chunking: at most ~4M intermediate values (16 MB fp32) per chunk
+# Without a gradient, a feed-forward whose 8c-wide intermediate would exceed this many values (1 GB in fp32:
+# transformer_in at 64 frames of 256 x 256) is chunked by itself, as enable_forward_chunking(1, dim=0) would:
+# long videos stay within memory, and smaller calls (all of the parity tests) are untouched.
+AUTO_CHUNK_ELEMENTS = 1 << 28
 
 
 class TransformerBlock(nn.Module):
@@ -288,16 +294,20 @@ class TransformerBlock(nn.Module):
         return x + self.cross_attn(self.cross_attn_norm(x), context)  # n l c
 
     def _feed_forward(self, x: Tensor) -> Tensor:
+        inner = self.ff.proj_in.out_features
         if self.chunk_size is None:
-            return self.ff(x)  # n l c
+            if torch.is_grad_enabled() or x.numel() // x.shape[-1] * inner <= AUTO_CHUNK_ELEMENTS or x.shape[0] < 2:
+                return self.ff(x)  # n l c
+            chunk_size, chunk_dim = 1, 0  # large and no gradient: bounded automatically
+        else:
+            chunk_size, chunk_dim = self.chunk_size, self.chunk_dim
         # Chunks of `chunk_size` along `chunk_dim`, merged while the 8c-wide intermediate of a chunk stays
         # under FF_CHUNK_ELEMENTS: the memory bound of chunking without a Python loop per token (diffusers'
         # chunk_size=1, dim=1 runs ~10^5 tiny matmuls per step). Row-wise, so the output is unchanged.
-        rows_per_slice = x.numel() // x.shape[self.chunk_dim] // x.shape[-1]  # rows in one index of chunk_dim
-        inner = self.ff.proj_in.out_features
-        step = max(self.chunk_size, FF_CHUNK_ELEMENTS // max(1, rows_per_slice * inner))
-        chunks = x.split(step, dim=self.chunk_dim)  # pieces of n l c
-        return torch.cat([self.ff(c) for c in chunks], dim=self.chunk_dim)  # n l c
+        rows_per_slice = x.numel() // x.shape[chunk_dim] // x.shape[-1]  # rows in one index of chunk_dim
+        step = max(chunk_size, FF_CHUNK_ELEMENTS // max(1, rows_per_slice * inner))
+        chunks = x.split(step, dim=chunk_dim)  # pieces of n l c
+        return torch.cat([self.ff(c) for c in chunks], dim=chunk_dim)  # n l c
 
 
 class SpatialTransformer(nn.Module):

@@ -1,0 +1,113 @@
+"""Time of each sampling setting as a ratio to diffusers' default (DDIM 50 steps, classifier-free guidance), same
+checkpoint, one run (CPU, fp32).
+
+    .venv/bin/python benchmarks/bench_speedups.py                        # the settings below, 2 runs each
+    .venv/bin/python benchmarks/bench_speedups.py --settings ddim:50 unipc:10+deepcache=2 --runs 3
+    .venv/bin/python benchmarks/bench_speedups.py --json runs/speedups.json
+
+The checkpoint is bench_pipeline.py's (the released block structure at small widths, written by diffusers).
+Each setting is evaluate.py's syntax, SAMPLER:STEPS[+deepcache=INTERVAL[/BRANCH]][+guidance_cache=INTERVAL];
+"diffusers" is diffusers' TextToVideoSDPipeline with its DDIMScheduler at 50 steps, the baseline every ratio is
+taken against. All settings run in this process, interleaved run by run (diffusers first in odd runs, last in
+even ones), after one warm-up call each; medians of wall and of process CPU time. Same prompt, negative prompt,
+guidance 9 and seed everywhere. The quality of each setting is measured on the bundled shapes model by
+evaluate.py with the same setting strings (docs/benchmarks.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]
+import bench_pipeline as bp  # noqa: E402
+
+SETTINGS = ["ddim:50", "ddim:50+deepcache=3", "ddim:50+deepcache=5", "ddim:50+guidance_cache=2",
+            "ddim:50+deepcache=3+guidance_cache=2", "dpm++2m:20", "dpm++2m-karras:20", "unipc:10", "unipc:10+deepcache=2",
+            "euler:25", "euler-a:25", "dpm++2m:10", "unipc:5"]
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--settings", nargs="+", default=SETTINGS, help="evaluate.py settings to time")
+    p.add_argument("--frames", type=int, default=8)
+    p.add_argument("--size", type=int, default=128, help="height = width (pixels)")
+    p.add_argument("--runs", type=int, default=2, help="timed runs per setting (interleaved)")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--unet-channels", default="64,128,256,256")
+    p.add_argument("--vae-channels", default="32,64,128,128")
+    p.add_argument("--text-layers", type=int, default=2)
+    p.add_argument("--folder", default=None)
+    p.add_argument("--json", default=None)
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    import evaluate
+    from modelscope_t2v import schedulers
+
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    settings = [evaluate.parse_setting(s) for s in args.settings]  # errors before any model loads
+    folder = bp.build_checkpoint(args)
+    ours, ref = bp.load("ours", folder), bp.load("diffusers", folder)
+    released = dict(ours.scheduler.config)
+
+    def call(pipe, steps):
+        return pipe(bp.PROMPT, negative_prompt=bp.NEGATIVE, num_frames=args.frames, height=args.size, width=args.size,
+                    num_inference_steps=steps, guidance_scale=9.0, generator=torch.Generator("cpu").manual_seed(0),
+                    output_type="np").frames
+
+    def run(label):
+        if label == "diffusers":
+            return call(ref, 50)
+        s = next(s for s in settings if s.label == label)
+        ours.scheduler = schedulers.make_sampler(s.sampler, released, s.spacing)
+        with evaluate.speedups(ours, s):
+            return call(ours, s.steps)
+
+    labels = ["diffusers"] + [s.label for s in settings]
+    for label in labels:  # warm-up: allocator and oneDNN primitives for these shapes
+        if label == "diffusers":
+            call(ref, 1)
+        else:
+            s = next(x for x in settings if x.label == label)
+            ours.scheduler = schedulers.make_sampler(s.sampler, released, s.spacing)
+            call(ours, 1)
+    wall = {k: [] for k in labels}
+    cpu = {k: [] for k in labels}
+    frames = {}
+    for r in range(args.runs):
+        for label in (labels if r % 2 == 0 else labels[1:] + labels[:1]):
+            t0, c0 = time.perf_counter(), time.process_time()
+            frames[label] = run(label)
+            wall[label].append(time.perf_counter() - t0)
+            cpu[label].append(time.process_time() - c0)
+            print(f"  run {r + 1}/{args.runs} {label:40s} {wall[label][-1]:7.2f} s wall, {cpu[label][-1]:7.2f} s CPU",
+                  file=sys.stderr, flush=True)
+    base_w, base_c = statistics.median(wall["diffusers"]), statistics.median(cpu["diffusers"])
+    import numpy as np
+
+    rows = []
+    for label in labels:
+        w, c = statistics.median(wall[label]), statistics.median(cpu[label])
+        rows.append({"setting": label, "median_s": w, "median_cpu_s": c, "ratio": w / base_w, "cpu_ratio": c / base_c,
+                     "max_abs_frame_diff_vs_diffusers": float(np.abs(frames[label] - frames["diffusers"]).max())})
+    print("| setting | time / diffusers DDIM 50 (wall) | (CPU) | max abs frame difference to diffusers |")
+    print("|---|---:|---:|---:|")
+    for row in rows:
+        print(f"| {row['setting']} | {row['ratio']:.3f} | {row['cpu_ratio']:.3f} | {row['max_abs_frame_diff_vs_diffusers']:.2e} |")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"args": vars(args), "rows": rows, "seconds": wall, "cpu_seconds": cpu},
+                                              indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
