@@ -116,6 +116,16 @@ class _StepIndex:
     def _index_for_timestep(self, timestep) -> int:  # overridden
         raise NotImplementedError
 
+    def _sigmas_at(self, timesteps, like: torch.Tensor) -> torch.Tensor:
+        """`self.sigmas` at each of `timesteps` as diffusers' `add_noise` indexes them (by timestep, or at the
+        begin / step index once set), in like's dtype and device, shaped to broadcast against it."""
+        timesteps = torch.as_tensor(timesteps).reshape(-1)
+        if self._begin_index is None:
+            idx = [self._index_for_timestep(t) for t in timesteps]
+        else:
+            idx = [self._step_index if self._step_index is not None else self._begin_index] * len(timesteps)
+        return self.sigmas.to(like.device, like.dtype)[idx].reshape(-1, *([1] * (like.ndim - 1)))
+
     @staticmethod
     def _match_index(schedule: torch.Tensor, timestep) -> int | None:
         """diffusers' rule: the second index of `timestep` in `schedule` if it occurs twice (image-to-image

@@ -224,12 +224,6 @@ class DPMSolverMultistepScheduler(_StepIndex, _Scheduler):
         """Forward process at `timesteps`, through this schedule's sigmas as diffusers computes
         it (indices from the timesteps, or the begin/step index once set)."""
         x0 = original_samples
-        sigmas = self.sigmas.to(device=x0.device, dtype=x0.dtype)
-        timesteps = torch.as_tensor(timesteps).reshape(-1)
-        if self._begin_index is None:
-            idx = [self._index_for_timestep(t) for t in timesteps]
-        else:
-            idx = [self._step_index if self._step_index is not None else self._begin_index] * len(timesteps)
-        sigma = sigmas[idx].reshape(-1, *([1] * (x0.ndim - 1)))
+        sigma = self._sigmas_at(timesteps, x0)
         alpha_t = 1 / (sigma**2 + 1) ** 0.5
         return alpha_t * x0 + sigma * alpha_t * noise

@@ -127,12 +127,7 @@ class EulerDiscreteScheduler(_StepIndex, _Scheduler):
 
     def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
         """The VP forward process at each timestep's sigma (diffusers' x_0 + sigma noise, over sqrt(1 + sigma^2))."""
-        timesteps = torch.as_tensor(timesteps).reshape(-1)
-        if self._begin_index is None:
-            idx = [self._index_for_timestep(t) for t in timesteps]
-        else:
-            idx = [self._step_index if self._step_index is not None else self._begin_index] * len(timesteps)
-        s = self.sigmas[idx].to(original_samples.device, original_samples.dtype).reshape(-1, *([1] * (original_samples.ndim - 1)))
+        s = self._sigmas_at(timesteps, original_samples)
         return (original_samples + noise * s) / (s**2 + 1) ** 0.5
 
 
