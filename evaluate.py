@@ -350,6 +350,9 @@ def run_long(args: argparse.Namespace) -> list[dict]:
         raise ValueError(f"--pin-noise: values in [0, 1], got {args.pin_noise}")
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.settings[0].extras:
+        raise ValueError(f"--long: {args.settings[0].label}: the speed-ups are not measured on long videos; "
+                         "give a plain SAMPLER:STEPS")
     sampler, steps, spacing = args.settings[0][:3]
     pipe = TextToVideoSDPipeline.from_pretrained(args.model)
     pipe.set_progress_bar_config(disable=True)

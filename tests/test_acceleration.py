@@ -198,3 +198,30 @@ def test_inference_feed_forward_in_place_and_self_chunked():
         assert len(pieces) > 3 * len(hooks)  # many chunks per feed-forward
     assert torch.equal(inference, graded)
     assert float((chunked - inference).abs().max()) <= 1e-5  # 2.1e-6 when written: the GEMMs block rows differently
+
+
+def test_in_place_product_only_without_a_gradient_through_proj_in():
+    # a frozen proj_in whose output still needs a gradient (a LoRA on it): the product stays out of place
+    from torch import nn
+
+    import modelscope_t2v.models.unet as unet_module
+
+    ff = unet_module.GEGLUFeedForward(8)
+    for p in ff.proj_in.parameters():
+        p.requires_grad_(False)
+    adapter = nn.Linear(8, 64, bias=False)
+
+    class WithAdapter(nn.Module):
+        def __init__(self, base):
+            super().__init__()
+            self.base = base
+            self.weight = base.weight
+
+        def forward(self, x):
+            return self.base(x) + adapter(x)
+
+    ff.proj_in = WithAdapter(ff.proj_in)
+    x = torch.randn(2, 3, 8)
+    out = ff(x)  # no "a view is being modified in place" error
+    out.sum().backward()
+    assert adapter.weight.grad is not None and adapter.weight.grad.abs().sum() > 0

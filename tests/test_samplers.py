@@ -547,9 +547,9 @@ def test_zero_terminal_snr_rescale_matches_diffusers():
             "steps_offset",
         ),
         (lambda: DDIMScheduler().sample(fake_model, x_T()), "set_timesteps"),
-        (lambda: DPMSolverMultistepScheduler(use_karras_sigmas=True), "use_karras_sigmas"),
+        (lambda: DPMSolverMultistepScheduler(use_exponential_sigmas=True), "use_exponential_sigmas"),
         (lambda: DPMSolverMultistepScheduler(solver_order=4), "solver_order"),
-        (lambda: scheduler_from_config({"_class_name": "EulerDiscreteScheduler"}), "EulerDiscreteScheduler"),
+        (lambda: scheduler_from_config({"_class_name": "PNDMScheduler"}), "PNDMScheduler"),
     ],
 )
 def test_bad_arguments_raise_value_error_naming_them(call, name):

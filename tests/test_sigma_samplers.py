@@ -194,3 +194,27 @@ def test_convergence_orders(method, low, high):
         dpm = dpm_solver_multistep(lambda x_, t: ideal_eps(x_, int(t)), x, AC64, grid[:-1], order=2, final_timestep=39,
                                    lower_order_final=False)
         assert errs[1] < 0.5 * max_diff(dpm, pf_ode_solution(x, 999, 39))
+
+
+def test_truncated_unipc_counts_disable_corrector_on_the_whole_schedule():
+    ref, ours = pair("UniPCMultistepScheduler", 10, disable_corrector=[5, 7])
+    start = 4
+    for s in (ref, ours):
+        s.set_begin_index(start)
+    x = x_T(seed=3)
+    expected = x
+    for t in ref.timesteps[start:]:
+        expected = unfold(ref.step(fold(fake_model(expected, t)), t, fold(expected)).prev_sample)
+    assert max_diff(ours.sample(fake_model, x, ours.timesteps[start:]), expected) <= 1e-5
+
+
+def test_karras_timesteps_for_cosine_betas_and_refusals():
+    ref, ours = pair("DPMSolverMultistepScheduler", 10, use_karras_sigmas=True, beta_schedule="squaredcos_cap_v2")
+    assert torch.equal(ours.timesteps, ref.timesteps)  # truncated, not rounded, as diffusers does for cosine betas
+    euler = EulerDiscreteScheduler.from_config(RELEASED)
+    euler.set_timesteps(10)
+    with pytest.raises(ValueError, match="timestep 500 is not in this schedule"):
+        euler.add_noise(x_T(), x_T(seed=1), torch.tensor([500.0]))
+    with pytest.raises(ValueError, match="lower_order_final=False"):
+        UniPCMultistepScheduler(lower_order_final=False)
+    assert not make_sampler("dpm++2m", {**RELEASED, "use_karras_sigmas": True}).config.use_karras_sigmas

@@ -303,6 +303,8 @@ def dpm_solver_update(
     lams = [_lambda(a, s) for a, s in zip(alphas, sigmas)]
     alpha_t, sigma_t, sigma_s0 = alphas[-1], sigmas[-1], sigmas[-2]
     h = lams[-1] - lams[-2]
+    if h == 0:  # a step to the same noise level (Karras sigmas ending at sigma_min twice): the identity
+        return x.to(torch.float32)
     # With m = 2 for the SDE: the exponential integrator's weights phi_1 = 1 - e^{-mh} etc.
     m = 2.0 if sde else 1.0
     e = -math.expm1(-m * h) if math.isfinite(h) else 1.0  # 1 - e^{-mh}

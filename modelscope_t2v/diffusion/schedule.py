@@ -235,9 +235,10 @@ def make_timesteps(
 
 
 def vp_sigmas(alphas_cumprod: torch.Tensor) -> np.ndarray:
-    """sqrt((1 - abar_t) / abar_t) for every training timestep, float64 numpy (as diffusers computes it)."""
-    abar = alphas_cumprod.detach().cpu().numpy()
-    return np.array(((1 - abar) / abar) ** 0.5)
+    """sqrt((1 - abar_t) / abar_t) for every training timestep, computed in alphas_cumprod's dtype (float32) and
+    returned as numpy, as diffusers computes it (its interpolation and log then see exactly these values)."""
+    abar = alphas_cumprod.detach().cpu()
+    return (((1 - abar) / abar) ** 0.5).numpy()
 
 
 def sigma_to_t(sigmas, log_sigmas: np.ndarray) -> np.ndarray:
@@ -255,7 +256,7 @@ def karras_sigmas(sigma_min: float, sigma_max: float, steps: int, rho: float = 7
     """Karras et al. 2022 ("Elucidating the Design Space...", eq. 5): `steps` sigmas from sigma_max down to
     sigma_min, evenly spaced in sigma^(1/rho)."""
     ramp = np.linspace(0, 1, steps)
-    lo, hi = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
+    lo, hi = float(sigma_min) ** (1 / rho), float(sigma_max) ** (1 / rho)  # Python floats: float64 powers
     return (hi + ramp * (lo - hi)) ** rho
 
 

@@ -14,7 +14,9 @@
 Reproducibility with diffusers: each step computes what diffusers' EulerDiscreteScheduler /
 EulerAncestralDiscreteScheduler / UniPCMultistepScheduler compute, in the same dtypes (Euler upcasts the sample
 to float32 and casts the result back to the model output's dtype; UniPC works in the sample's dtype with
-float32 coefficients); the Euler ancestral noise is drawn once per step after the model call, in the model
+float32 coefficients). In float32 the results agree to round-off; in half precision Euler rounds once more per
+step than diffusers (it keeps the VP latent, from which x_0 + sigma eps is formed again), so fp16 runs are close,
+not bit-identical; the Euler ancestral noise is drawn once per step after the model call, in the model
 output's dtype, in the frame order of diffusers' video pipelines (`noise.randn_like`).
 """
 

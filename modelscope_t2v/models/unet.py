@@ -252,10 +252,11 @@ class GEGLUFeedForward(nn.Module):
         self.proj_out = nn.Linear(dim * mult, dim)
 
     def forward(self, x: Tensor) -> Tensor:
-        value, gate = self.proj_in(x).chunk(2, dim=-1)  # n l 4c, n l 4c
-        if torch.is_grad_enabled() and (x.requires_grad or self.proj_in.weight.requires_grad):
+        h = self.proj_in(x)  # n l 8c
+        value, gate = h.chunk(2, dim=-1)  # n l 4c, n l 4c
+        if h.requires_grad:  # (a frozen weight can still carry a gradient: a LoRA on proj_in)
             return self.proj_out(value * F.gelu(gate))  # n l c
-        return self.proj_out(value.mul_(F.gelu(gate)))  # inference: the product in place, one buffer fewer
+        return self.proj_out(value.mul_(F.gelu(gate)))  # no gradient: the product in place, one buffer fewer
 
 
 FF_CHUNK_ELEMENTS = 1 << 22  # feed-forward chunking: at most ~4M intermediate values (16 MB fp32) per chunk

@@ -281,7 +281,9 @@ class LongVideoMethods:
 
         def apply(x: torch.Tensor, t: int) -> torch.Tensor:
             x = x.clone()
-            t_pin = round(t * pins.noise) if t >= 0 else None  # the training timestep nearest pin_noise x t
+            # the training timestep nearest pin_noise x t (0: t = 0, nearly clean). With Karras sigmas the sample's
+            # own level lies between training timesteps, so pin_noise=1 is that level only to within a timestep.
+            t_pin = round(t * pins.noise) if t >= 0 else None
             for j, mean in means.items():
                 target = mean.expand_as(x[:, :, j])
                 if t_pin is not None:

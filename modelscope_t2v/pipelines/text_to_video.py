@@ -437,6 +437,8 @@ class TextToVideoSDPipeline(ComponentMethods, LoraMethods, LongVideoMethods, Acc
                 kept = min(int(num_inference_steps * strength), num_inference_steps)  # as diffusers' get_timesteps
                 order = getattr(self.scheduler, "order", 1)
                 timesteps = self.scheduler.timesteps[(num_inference_steps - kept) * order :]
+                if hasattr(self.scheduler, "set_begin_index"):  # add_noise at the start's own index, as diffusers
+                    self.scheduler.set_begin_index((num_inference_steps - kept) * order)
                 if latents is None:
                     latents = self._noised_video_latents(pixels, timesteps, total, dtype, device, generator)
                 latents = latents.to(device, dtype)

@@ -133,7 +133,9 @@ class DPMSolverMultistepScheduler(_StepIndex, _Scheduler):
             self._check_steps(num_inference_steps)
             full = vp_sigmas(self.alphas_cumprod)
             karras = karras_sigmas(full[0], full[-1], num_inference_steps)
-            ts = torch.from_numpy(sigma_to_t(karras, np.log(full)).round().astype(np.int64))
+            t = sigma_to_t(karras, np.log(full))
+            # diffusers rounds, except for cosine betas, where the int64 cast truncates
+            ts = torch.from_numpy((t if cfg.beta_schedule == "squaredcos_cap_v2" else t.round()).astype(np.int64))
         else:
             self._check_steps(num_inference_steps)
             ts = make_timesteps(cfg.timestep_spacing, num_inference_steps, cfg.num_train_timesteps,

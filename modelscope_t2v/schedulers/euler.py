@@ -107,7 +107,10 @@ class EulerDiscreteScheduler(_StepIndex, _Scheduler):
 
     def _index_for_timestep(self, timestep) -> int:
         index = self._match_index(self.timesteps, timestep)
-        return len(self.timesteps) - 1 if index is None else index
+        if index is None:  # diffusers fails here too (IndexError); a silent fallback would noise to the wrong sigma
+            raise ValueError(f"timestep {float(torch.as_tensor(timestep)):g} is not in this schedule "
+                             f"({[round(float(t), 3) for t in self.timesteps]}); pass one of scheduler.timesteps")
+        return index
 
     def landing_timesteps(self, timesteps: torch.Tensor | None = None) -> torch.Tensor:
         ts = torch.as_tensor(self.timesteps if timesteps is None else timesteps).cpu().to(torch.float32)

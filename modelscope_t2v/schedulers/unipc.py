@@ -57,6 +57,10 @@ class UniPCMultistepScheduler(_StepIndex, _Scheduler):
         _require(cfg, "final_sigmas_type", ("zero", "sigma_min"))
         _require(cfg, "timestep_spacing", ("linspace", "leading", "trailing"))
         _require(cfg, "predict_x0", (True,))
+        if cfg.solver_order > 1 and not cfg.lower_order_final and cfg.final_sigmas_type == "zero":
+            raise ValueError("`lower_order_final=False` with `final_sigmas_type='zero'`: a last step of order > 1 "
+                             "divides by a zero step to sigma 0 (NaN, in diffusers too); keep lower_order_final=True "
+                             "or end at 'sigma_min'")
         _require_off(cfg, "thresholding", "solver_p", "use_exponential_sigmas", "use_beta_sigmas", "use_flow_sigmas",
                      "use_dynamic_shifting", "shift_terminal")
         self.betas = _betas(cfg)
@@ -100,7 +104,9 @@ class UniPCMultistepScheduler(_StepIndex, _Scheduler):
     def _sample(self, model_fn, x, ts, generator, callback, eta) -> torch.Tensor:
         """`sigma_samplers.unipc` over the sigmas of `ts` (a suffix of the schedule for video-to-video)."""
         start = len(self.timesteps) - len(ts)
-        return sigma_samplers.unipc(model_fn, x, self.sigmas[start:], ts, callback=callback, **self._options())
+        options = self._options()  # disable_corrector holds steps of the whole schedule, as diffusers counts them
+        options["disable_corrector"] = tuple(d - start for d in options["disable_corrector"])
+        return sigma_samplers.unipc(model_fn, x, self.sigmas[start:], ts, callback=callback, **options)
 
     def _index_for_timestep(self, timestep) -> int:
         index = self._match_index(self.timesteps, timestep)
