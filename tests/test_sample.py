@@ -223,7 +223,7 @@ def test_sampler_mapping_matches_diffusers(name, spacing, overrides):
         (dict(num_frames=0), "num_frames"),
         (dict(steps=0), "steps"),
         (dict(steps=1001), "steps"),
-        (dict(sampler="euler"), "sampler"),
+        (dict(sampler="heun"), "sampler"),
         (dict(spacing="uniform"), "spacing"),
         (dict(dtype="fp8"), "dtype"),
         (dict(device="tpu"), "device"),

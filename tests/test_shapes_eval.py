@@ -106,8 +106,10 @@ def test_evaluate_script_rejects_bad_arguments_before_loading_anything():
 
     bad = run("--settings", "ddim:0")
     assert bad.returncode == 2 and "SAMPLER:STEPS[:SPACING] with 1 <= STEPS <= 1000" in bad.stderr
-    bad = run("--settings", "euler:10")
-    assert bad.returncode == 2 and "sampler='euler' is not known" in bad.stderr
+    bad = run("--settings", "heun:10")
+    assert bad.returncode == 2 and "sampler='heun' is not known" in bad.stderr
+    bad = run("--settings", "ddim:10+deepcache=x")
+    assert bad.returncode == 2 and "must be deepcache=INTERVAL[/BRANCH]" in bad.stderr
     bad = run("--pairs", "4", "--reference-pairs", "8")
     assert bad.returncode == 2 and "--reference-pairs (8) must be <= --pairs (4)" in bad.stderr
     bad = run("--probe", "-1")
