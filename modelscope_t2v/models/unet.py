@@ -492,10 +492,14 @@ class UNet3D(Model):
         whose feature this call stores (a full forward) or reuses (the shallow branch only).
         Returns the noise prediction (b, out_channels, f, h, w)."""
         b, f = self._check_inputs(sample, encoder_hidden_states, timestep_cond)  # batch, frames
-        shallow = deep_cache is not None and deep_cache.feature is not None
-        cut = self.num_skips - 1 - deep_cache.branch if deep_cache is not None else -1  # the up layer taking the branch
         if deep_cache is not None and not 0 <= deep_cache.branch < self.num_skips:
             raise ValueError(f"UNet3D: deep_cache.branch must be in [0, {self.num_skips - 1}], got {deep_cache.branch}")
+        # DeepCache: the up layer that takes the branch's skip (up layer u takes skip num_skips - 1 - u); with a
+        # stored feature only the skips up to the branch are made and the up path starts at that layer
+        cut = self.num_skips - 1 - deep_cache.branch if deep_cache is not None else -1
+        shallow = deep_cache is not None and deep_cache.feature is not None
+        down_skips = deep_cache.branch + 1 if shallow else self.num_skips
+        up_start = cut if shallow else 0
         t = self._timesteps(timestep, b, sample.device)  # b
         emb = timestep_embedding(t, self.config.block_channels[0]).to(self.dtype)  # b c0
         emb = self.time_mlp(emb, timestep_cond)  # b 4c0
@@ -510,11 +514,10 @@ class UNet3D(Model):
         skips = [x]  # every skip connection, (b f) ci hi wi, consumed last-in first-out
         for level in self.down_levels:
             for block in level.blocks:
-                if shallow and len(skips) > deep_cache.branch:
-                    break  # DeepCache: the down path stops at the branch
-                x = self._run(block, x, emb, context, f)  # (b f) ci hi wi
-                skips.append(x)
-            if level.downsample is not None and not (shallow and len(skips) > deep_cache.branch):
+                if len(skips) < down_skips:
+                    x = self._run(block, x, emb, context, f)  # (b f) ci hi wi
+                    skips.append(x)
+            if level.downsample is not None and len(skips) < down_skips:
                 x = level.downsample(x)  # (b f) ci hi/2 wi/2
                 skips.append(x)
 
@@ -522,32 +525,35 @@ class UNet3D(Model):
             for block in self.mid_blocks:
                 x = self._run(block, x, emb, context, f)  # (b f) cL hL wL
 
-        u = 0  # the up layer's index (layer u takes skip num_skips - 1 - u)
+        first = 0  # the index of the level's first up layer
         for i, level in enumerate(self.up_levels):
-            ran = False
-            for block in level.blocks:
-                u += 1
-                if u - 1 < cut and shallow:
+            for u, block in enumerate(level.blocks, start=first):
+                if u < up_start:
                     continue  # DeepCache: deeper than the branch, replaced by the stored feature
-                if u - 1 == cut:
-                    if shallow:
-                        x = deep_cache.feature
-                        if x.shape[0] != skips[-1].shape[0]:
-                            raise ValueError(f"UNet3D: the DeepCache feature is for a batch of {x.shape[0]} frames, "
-                                             f"this call has {skips[-1].shape[0]}; start with a full step")
-                    else:
-                        deep_cache.feature = x  # (b f) ci hi wi, before FreeU and the skip
-                ran = True
+                if u == cut:
+                    x = self._deep_cache_feature(deep_cache, x, skips[-1])  # (b f) ci hi wi
                 skip = skips.pop()  # (b f) cskip hi wi
                 if self.freeu is not None:
                     x, skip = self.freeu.backbone_and_skip(i, x, skip)
                 x = torch.cat([x, skip], dim=1)  # (b f) (ci + cskip) hi wi
                 x = self._run(block, x, emb, context, f)  # (b f) ci hi wi
-            if level.upsample is not None and ran:
+            first += len(level.blocks)
+            if level.upsample is not None and first > up_start:  # (the level ran)
                 x = level.upsample(x, skips[-1].shape[-2:])  # (b f) ci h(i-1) w(i-1)
 
         x = self.conv_out(F.silu(self.norm_out(x)))  # (b f) c_out h w
         return rearrange(x, "(b f) c h w -> b c f h w", b=b)  # b c_out f h w
+
+    @staticmethod
+    def _deep_cache_feature(deep_cache: DeepCache, x: Tensor, skip: Tensor) -> Tensor:
+        """At the cut: store x (a full forward), or return the stored feature in its place (the shallow branch)."""
+        if deep_cache.feature is None:
+            deep_cache.feature = x  # (b f) ci hi wi, before FreeU and the skip
+            return x
+        if deep_cache.feature.shape[0] != skip.shape[0]:
+            raise ValueError(f"UNet3D: the DeepCache feature is for a batch of {deep_cache.feature.shape[0]} frames, "
+                             f"this call has {skip.shape[0]}; start with a full step")
+        return deep_cache.feature
 
     @property
     def num_skips(self) -> int:

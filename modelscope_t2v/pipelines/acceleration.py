@@ -23,6 +23,25 @@ from typing import Callable
 import torch
 
 from ..models.training_free import DeepCache, deepcache_full_steps
+from .checks import positive_int
+
+
+@dataclass
+class DeepCacheRun:
+    """One sampling run's DeepCache: its state and the steps that run the whole UNet."""
+
+    state: DeepCache
+    full_steps: set[int]
+
+    def for_call(self, step: int, rows: int) -> DeepCache:
+        """The state to give the UNet at `step` for a batch of `rows` = b x f frames: emptied on a full step (the
+        UNet stores the feature anew); on a one-branch step of the guidance cache, a view holding the conditional
+        half of the two-branch feature (the unconditional branch comes first)."""
+        if step in self.full_steps:
+            self.state.feature = None
+        elif self.state.feature is not None and self.state.feature.shape[0] == 2 * rows:
+            return DeepCache(self.state.branch, self.state.feature.chunk(2)[1])
+        return self.state
 
 
 @dataclass(frozen=True)
@@ -46,8 +65,7 @@ class AccelerationMethods:
         path's input at skip connection `cache_branch_id` (0: conv_in's, the shallowest and fastest; up to
         unet.num_skips - 1); the steps between run only the layers above that skip. `uniform=False`: the paper's
         non-uniform schedule, full steps denser around step `center` (exponent `pow`)."""
-        if isinstance(cache_interval, bool) or not isinstance(cache_interval, int) or cache_interval < 1:
-            raise ValueError(f"cache_interval must be a positive int, got {cache_interval!r}")
+        positive_int("cache_interval", cache_interval)
         n = self.unet.num_skips
         if isinstance(cache_branch_id, bool) or not isinstance(cache_branch_id, int) or not 0 <= cache_branch_id < n:
             raise ValueError(f"cache_branch_id must be an int in [0, {n - 1}] (this UNet's skip connections), "
@@ -71,9 +89,7 @@ class AccelerationMethods:
         """Classifier-free guidance with the unconditional branch every `cache_interval`-th step (and on every
         DeepCache full step): in between, guided = cond + (scale - 1) (cond - uncond) of the last two-branch step,
         one UNet batch instead of two. cache_interval=1 is plain guidance."""
-        if isinstance(cache_interval, bool) or not isinstance(cache_interval, int) or cache_interval < 1:
-            raise ValueError(f"cache_interval must be a positive int, got {cache_interval!r}")
-        self._guidance_cache = cache_interval
+        self._guidance_cache = positive_int("cache_interval", cache_interval)
 
     def disable_guidance_cache(self):
         self._guidance_cache = None
@@ -82,8 +98,6 @@ class AccelerationMethods:
         """torch.compile the UNet (`unet.compile`, in place) and the autoencoder's decode and encode, with
         torch.compile's `options` (mode=, backend=, fullgraph=, dynamic=, ...). The first call of each new shape
         compiles (minutes on a CPU); the numbers are the eager ones up to the fused kernels' round-off."""
-        import torch
-
         self.unet.compile(**options)
         self.vae.decode = torch.compile(self.vae.decode, **options)
         self.vae.encode = torch.compile(self.vae.encode, **options)
@@ -94,32 +108,33 @@ class AccelerationMethods:
             raise ValueError("enable_deepcache and enable_sliding_windows: DeepCache keeps one feature per step, the "
                              "sliding windows run the UNet once per window; disable one of them")
 
-    def _deepcache_plan(self, steps: int) -> tuple[DeepCache, set[int]] | None:
-        """(the state of one sampling run, the steps that run the whole UNet), or None when DeepCache is off."""
+    def _deepcache_plan(self, steps: int) -> DeepCacheRun | None:
+        """The DeepCache of one sampling run of `steps` steps, or None when DeepCache is off."""
         d = self._deepcache
         if d is None:
             return None
-        return DeepCache(d.cache_branch_id), set(deepcache_full_steps(steps, d.cache_interval, d.uniform, d.pow, d.center))
+        return DeepCacheRun(DeepCache(d.cache_branch_id),
+                            set(deepcache_full_steps(steps, d.cache_interval, d.uniform, d.pow, d.center)))
 
-    def _guidance_plan(self, steps: int, deepcache_full: set[int] | None) -> set[int] | None:
+    def _guidance_plan(self, steps: int, deepcache: DeepCacheRun | None) -> set[int] | None:
         """The steps that run both guidance branches (every one when the guidance cache is off: None)."""
         if self._guidance_cache is None:
             return None
-        return set(range(0, steps, self._guidance_cache)) | (deepcache_full or set())
+        return set(range(0, steps, self._guidance_cache)) | (deepcache.full_steps if deepcache else set())
 
 
-def cached_guidance(both: Callable, cond: Callable, scale: float, two_branch_steps: set[int],
-                    step: Callable[[], int]) -> Callable:
-    """A guided model_fn(x, t): on `two_branch_steps` (and until a difference is stored) `both(cat([x, x]), t)` (the
-    unconditional half first) guided as `samplers.cfg_model_fn` guides it, storing cond - uncond; on the other
-    steps `cond(x, t) + (scale - 1) * the stored difference`. `step()` is the index of the step being computed."""
+def cached_guidance(model_fn: Callable, scale: float, two_branch_steps: set[int], step: Callable[[], int]) -> Callable:
+    """A guided model_fn(x, t) over `model_fn`, which takes the doubled batch (the unconditional half first) or the
+    conditional one alone: on `two_branch_steps` (and until a difference is stored) both branches, guided as
+    `samplers.cfg_model_fn` guides them, storing cond - uncond; on the other steps `model_fn(x, t) + (scale - 1) *
+    the stored difference`. `step()` is the index of the step being computed."""
     delta: list[torch.Tensor | None] = [None]
 
     def guided(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         if delta[0] is None or step() in two_branch_steps:
-            uncond, c = both(torch.cat([x, x]), t).chunk(2)
+            uncond, c = model_fn(torch.cat([x, x]), t).chunk(2)
             delta[0] = c - uncond
             return uncond + scale * (c - uncond)
-        return cond(x, t) + (scale - 1) * delta[0]
+        return model_fn(x, t) + (scale - 1) * delta[0]
 
     return guided

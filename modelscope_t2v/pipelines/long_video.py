@@ -24,6 +24,7 @@ from einops import repeat
 from ..diffusion.noise import FREE_INIT_METHODS, free_init_lowpass, mix_frequencies, randn
 from ..diffusion.schedule import add_noise
 from ..models.training_free import FrameWindows, shuffled_context_noise
+from .checks import positive_int
 
 NOISE_TYPES = ("shuffle_context", "repeat_context", "random")
 # The pinned frames are re-noised to this fraction of the current timestep: cleaner than the rest, so that the
@@ -131,8 +132,7 @@ class LongVideoMethods:
             raise ValueError(f"num_iters must be a positive int, got {num_iters!r}")
         if method not in FREE_INIT_METHODS:
             raise ValueError(f"method must be one of {FREE_INIT_METHODS}, got {method!r}")
-        if isinstance(order, bool) or not isinstance(order, int) or order < 1:
-            raise ValueError(f"order (of the butterworth filter) must be a positive int, got {order!r}")
+        positive_int("order", order)  # of the butterworth filter
         for name, v in (("spatial_stop_frequency", spatial_stop_frequency), ("temporal_stop_frequency", temporal_stop_frequency)):
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v <= 1:
                 raise ValueError(f"{name} must be in [0, 1], got {v!r}")

@@ -19,7 +19,6 @@ from ..diffusion.samplers import cfg_model_fn
 from ..formats import folders
 from ..formats.locate import detect_layout, resolve
 from ..models import tokenize
-from ..models.training_free import DeepCache
 from ..models.unet import UNet3D
 from ..models.vae import AutoencoderKL
 from ..video_io import VideoFrames, video_to_tensor
@@ -218,20 +217,10 @@ class TextToVideoSDPipeline(ComponentMethods, LoraMethods, LongVideoMethods, Acc
             cond = guidance_scale_embedding(w, unet.config.timestep_cond_dim)  # b d, float32 as the references
             extra["timestep_cond"] = cond.to(latents.device, context.dtype)
 
-        cache = self._deepcache_plan(len(timesteps))  # DeepCache: (its state, the full steps), if on
+        cache = self._deepcache_plan(len(timesteps))  # DeepCache's state and full steps for this run, if on
 
         def unet_call(x: torch.Tensor, ctx: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            kw = extra
-            if cache is not None:
-                state, full = cache
-                if step[0] in full:
-                    state.feature = None  # this step runs the whole UNet and stores the feature anew
-                    kw = {**extra, "deep_cache": state}
-                elif state.feature is not None and state.feature.shape[0] == 2 * x.shape[0] * x.shape[2]:
-                    # a one-branch step of the guidance cache: the conditional half of a two-branch feature
-                    kw = {**extra, "deep_cache": DeepCache(state.branch, state.feature.chunk(2)[1])}
-                else:
-                    kw = {**extra, "deep_cache": state}
+            kw = extra if cache is None else {**extra, "deep_cache": cache.for_call(step[0], x.shape[0] * x.shape[2])}
             if x.shape[0] < ctx.shape[0]:  # the conditional branch alone (guidance cache): its context
                 ctx = ctx[ctx.shape[0] - x.shape[0]:]
             return unet(scale_in(x, t), t, encoder_hidden_states=ctx, **kw)  # b c f h w (2b when guided)
@@ -242,11 +231,11 @@ class TextToVideoSDPipeline(ComponentMethods, LoraMethods, LongVideoMethods, Acc
             return out
 
         if self._two_branches(guidance_scale):  # the context holds the unconditional branch first
-            two = self._guidance_plan(len(timesteps), cache[1] if cache is not None else None)
+            two = self._guidance_plan(len(timesteps), cache)
             if two is None:
                 model_fn = cfg_model_fn(model_fn, guidance_scale)
-            else:  # the guidance cache: the same model_fn, called with the conditional batch alone in between
-                model_fn = cached_guidance(model_fn, model_fn, guidance_scale, two, lambda: step[0])
+            else:  # the guidance cache: model_fn called with the conditional batch alone in between
+                model_fn = cached_guidance(model_fn, guidance_scale, two, lambda: step[0])
 
         bar = tqdm(total=len(timesteps), **{"desc": "denoising", **self._progress})
 
