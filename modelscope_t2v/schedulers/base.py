@@ -113,8 +113,18 @@ class _StepIndex:
             self._step_index = begin if begin is not None else self._index_for_timestep(timestep)
         return self._step_index
 
-    def _index_for_timestep(self, timestep) -> int:  # overridden
-        raise NotImplementedError
+    # diffusers' DPM-Solver and UniPC take the last step for a timestep their schedule does not hold; its Euler and
+    # LCM schedulers fail there (IndexError), and so do ours, with a message: a fallback noises to the wrong sigma
+    unknown_timestep_is_last: ClassVar[bool] = False
+
+    def _index_for_timestep(self, timestep) -> int:
+        index = self._match_index(self.timesteps, timestep)
+        if index is not None:
+            return index
+        if self.unknown_timestep_is_last:
+            return len(self.timesteps) - 1
+        raise ValueError(f"timestep {float(torch.as_tensor(timestep)):g} is not in this schedule "
+                         f"({[round(float(t), 3) for t in self.timesteps]}); pass one of scheduler.timesteps")
 
     def _sigmas_at(self, timesteps, like: torch.Tensor) -> torch.Tensor:
         """`self.sigmas` at each of `timesteps` as diffusers' `add_noise` indexes them (by timestep, or at the
@@ -240,7 +250,7 @@ class _Scheduler:
     def landing_timesteps(self, timesteps: torch.Tensor | None = None) -> torch.Tensor:
         """The timestep each step of `timesteps` (default `self.timesteps`) leaves the sample at: the next
         one of the schedule, -1 (clean) after the last. DDIM, which steps by T // n, overrides it."""
-        ts = torch.as_tensor(self.timesteps if timesteps is None else timesteps, dtype=torch.int64).cpu()
+        ts = torch.as_tensor(self.timesteps if timesteps is None else timesteps).cpu()  # int, or Euler's floats
         return torch.cat([ts[1:], ts.new_full((1,), -1)])
 
     def scale_model_input(self, sample: torch.Tensor, timestep: Any = None) -> torch.Tensor:

@@ -64,6 +64,7 @@ class DPMSolverMultistepScheduler(_StepIndex, _Scheduler):
         "time_shift_type": "exponential",
     }
     SPACINGS: ClassVar[tuple[str, ...]] = ("linspace", "leading", "trailing")
+    unknown_timestep_is_last: ClassVar[bool] = True  # diffusers' rule
 
     def _setup(self) -> None:
         cfg = self._config
@@ -170,12 +171,6 @@ class DPMSolverMultistepScheduler(_StepIndex, _Scheduler):
             callback=callback,
             prediction_type=cfg.prediction_type,
         )
-
-    def _index_for_timestep(self, timestep, schedule: torch.Tensor | None = None) -> int:
-        # diffusers' rule (_match_index), and the last index if t does not occur
-        schedule = self.timesteps if schedule is None else schedule
-        index = self._match_index(schedule, timestep)
-        return len(schedule) - 1 if index is None else index
 
     def _point(self, index: int) -> tuple[float, float]:
         s = self.sigmas[index].to(torch.float32)

@@ -105,17 +105,6 @@ class EulerDiscreteScheduler(_StepIndex, _Scheduler):
         return sigma_samplers.euler(model_fn, x, self.sigmas[start:], ts, ancestral=self.ancestral, generator=generator,
                                     callback=callback, prediction_type=self._config.prediction_type)
 
-    def _index_for_timestep(self, timestep) -> int:
-        index = self._match_index(self.timesteps, timestep)
-        if index is None:  # diffusers fails here too (IndexError); a silent fallback would noise to the wrong sigma
-            raise ValueError(f"timestep {float(torch.as_tensor(timestep)):g} is not in this schedule "
-                             f"({[round(float(t), 3) for t in self.timesteps]}); pass one of scheduler.timesteps")
-        return index
-
-    def landing_timesteps(self, timesteps: torch.Tensor | None = None) -> torch.Tensor:
-        ts = torch.as_tensor(self.timesteps if timesteps is None else timesteps).cpu().to(torch.float32)
-        return torch.cat([ts[1:], ts.new_full((1,), -1.0)])
-
     def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, generator: Generator = None,
              return_dict: bool = True, **unused):
         """One step (diffusers API, stateful, on VP latents); prefer `sample`."""

@@ -150,12 +150,6 @@ class LCMScheduler(_StepIndex, _Scheduler):
                                timestep_scaling=cfg.timestep_scaling, clip_sample=self._clip(), generator=generator,
                                callback=callback)
 
-    def _index_for_timestep(self, timestep) -> int:
-        index = self._match_index(self.timesteps, timestep)  # diffusers' rule
-        if index is None:
-            raise ValueError(f"`timestep`={int(timestep)} is not in this schedule {self.timesteps.tolist()}")
-        return index
-
     def step(self, model_output: torch.Tensor, timestep: int | torch.Tensor, sample: torch.Tensor,
              generator: Generator = None, return_dict: bool = True):
         """One consistency step (diffusers API, stateful: it steps to the schedule's next timestep);

@@ -46,6 +46,7 @@ class UniPCMultistepScheduler(_StepIndex, _Scheduler):
         "sigma_max": None,
         "shift_terminal": None,
     }
+    unknown_timestep_is_last: ClassVar[bool] = True  # diffusers' rule
 
     def _setup(self) -> None:
         cfg = self._config
@@ -107,10 +108,6 @@ class UniPCMultistepScheduler(_StepIndex, _Scheduler):
         options = self._options()  # disable_corrector holds steps of the whole schedule, as diffusers counts them
         options["disable_corrector"] = tuple(d - start for d in options["disable_corrector"])
         return sigma_samplers.unipc(model_fn, x, self.sigmas[start:], ts, callback=callback, **options)
-
-    def _index_for_timestep(self, timestep) -> int:
-        index = self._match_index(self.timesteps, timestep)
-        return len(self.timesteps) - 1 if index is None else index
 
     def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, return_dict: bool = True, **unused):
         """One UniPC step (diffusers API, stateful: the corrector uses the previous step's sample); prefer `sample`."""
