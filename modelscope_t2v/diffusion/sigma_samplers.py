@@ -32,7 +32,7 @@ from .samplers import Callback, ModelFn, _check_prediction_type, _maybe_replace
 UNIPC_SOLVER_TYPES = ("bh1", "bh2")
 
 
-def _schedule(sigmas, timesteps, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _schedule(sigmas, timesteps) -> tuple[torch.Tensor, torch.Tensor]:
     sig = torch.as_tensor(sigmas, dtype=torch.float32).detach().cpu().reshape(-1)
     ts = torch.as_tensor(timesteps).detach().cpu().reshape(-1)
     if ts.numel() < 1 or sig.numel() != ts.numel() + 1:
@@ -90,7 +90,7 @@ def euler(
     next; `ancestral`: each step to sigma_down plus fresh noise of sigma_up (k-diffusion's eta = 1)."""
     if prediction_type not in ("epsilon", "v_prediction"):
         raise ValueError(f"`prediction_type` must be 'epsilon' or 'v_prediction' for Euler, got {prediction_type!r}")
-    sig, ts = _schedule(sigmas, timesteps, x)
+    sig, ts = _schedule(sigmas, timesteps)
     for i in range(ts.numel()):
         t = ts[i].to(x.device)
         out = model_fn(x, t)
@@ -207,7 +207,7 @@ def unipc(
     the steps in `disable_corrector`; the first has nothing to correct) and predicts the next (UniP) from the
     last `order` data predictions. lower_order_final: order min(order, steps left), which keeps few-step runs
     stable (diffusers' default)."""
-    sig, ts = _schedule(sigmas, timesteps, x)
+    sig, ts = _schedule(sigmas, timesteps)
     run = UniPC(sig, order=order, solver_type=solver_type, lower_order_final=lower_order_final,
                 disable_corrector=disable_corrector, prediction_type=prediction_type)
     for i in range(ts.numel()):

@@ -14,6 +14,7 @@ it: the last frame then leads back to the first.
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -30,7 +31,7 @@ NOISE_TYPES = ("shuffle_context", "repeat_context", "random")
 # The pinned frames are re-noised to this fraction of the current timestep: cleaner than the rest, so that the
 # early steps, which lay out where things are, already see them. On the shapes model (48 image-to-video clips,
 # DPM++ 2M 10 steps, docs/long_video.md) the step into the first generated frame stayed within 2x the median
-# step in 27% of the clips at 1 (the same noise as the rest), 69% at 0.6, 79% at 0.3 and 83% at 0 (clean).
+# step in 27% of the clips at 1 (the same noise as the rest), 69% at 0.6, 79% at 0.3 and 83% at 0 (t = 0).
 PIN_NOISE = 0.3
 
 
@@ -164,8 +165,6 @@ class LongVideoMethods:
 
     def _unet_windows(self):
         """A context: FreeNoise's windows on the UNet's temporal attention for this call (else as it is)."""
-        from contextlib import nullcontext
-
         return nullcontext() if self._free_noise is None else self.unet.windowed(self._free_noise[0])
 
     def _free_noise_latents(self, latents: torch.Tensor, generator) -> torch.Tensor:
@@ -279,7 +278,7 @@ class LongVideoMethods:
         levels = [float(timesteps[0]), *self.scheduler.landing_timesteps(timesteps).tolist()]  # fractional for Euler
         abar = self.scheduler.alphas_cumprod
 
-        def apply(x: torch.Tensor, t: int) -> torch.Tensor:
+        def apply(x: torch.Tensor, t: float) -> torch.Tensor:
             x = x.clone()
             # the training timestep nearest pin_noise x t (0: t = 0, nearly clean). With Karras sigmas the sample's
             # own level lies between training timesteps, so pin_noise=1 is that level only to within a timestep.
