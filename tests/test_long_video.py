@@ -358,6 +358,7 @@ def _run_with(pipe, generator, **kw):
     (dict(num_init_frames=2), ValueError, "num_init_frames needs init_video"),
     (dict(init_video=np.zeros((2, 16, 16, 3), np.uint8), num_init_frames=3), ValueError, "needs at least 3"),
     (dict(init_video=np.zeros((9, 16, 16, 3), np.uint8), num_init_frames=8), ValueError, "8 pinned frames for a clip of 8 frames leave none"),
+    (dict(init_video=np.zeros((9, 16, 16, 3), np.uint8), num_init_frames=0), ValueError, "num_init_frames must be an integer >= 1"),
     (dict(image=np.zeros((8, 8, 3), np.uint8), video=np.zeros((8, 16, 16, 3), np.uint8)), ValueError, "text-to-video options"),
 ])
 def test_bad_pins_are_refused_before_work(pipe, call, error, message):
@@ -378,6 +379,8 @@ def test_bad_long_video_settings_are_refused(pipe):
         pipe.enable_free_init(method="box")
     with pytest.raises(ValueError, match="order must be an integer >= 1"):
         pipe.enable_free_init(order=0)
+    with pytest.raises(ValueError, match="num_iters must be an integer >= 1"):
+        pipe.enable_free_init(num_iters=0)
     with pytest.raises(TypeError, match="prompt_interpolation_callback must be callable"):
         pipe.enable_free_noise(prompt_interpolation_callback="slerp")
     from modelscope_t2v.schedulers import DDIMScheduler

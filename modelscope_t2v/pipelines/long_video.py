@@ -129,8 +129,7 @@ class LongVideoMethods:
         """FreeInit (arXiv 2312.07537), as diffusers names it: sample `num_iters` times, each time re-noising the
         result to t = T - 1 with the first noise and keeping its low frequencies (the filter `method`) under
         fresh high-frequency noise; `use_fast_sampling`: iteration i of n runs steps * (i + 1) / n steps."""
-        if not isinstance(num_iters, int) or isinstance(num_iters, bool) or num_iters < 1:
-            raise ValueError(f"num_iters must be a positive int, got {num_iters!r}")
+        positive_int("num_iters", num_iters)
         if method not in FREE_INIT_METHODS:
             raise ValueError(f"method must be one of {FREE_INIT_METHODS}, got {method!r}")
         positive_int("order", order)  # of the butterworth filter
@@ -241,9 +240,7 @@ class LongVideoMethods:
         if last_image is not None:
             frames[-1] = self.preprocess_video([as_image(last_image, "last_image")], height, width)[:, :, 0]
         if init_video is not None:
-            k = 1 if num_init_frames is None else num_init_frames
-            if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-                raise ValueError(f"num_init_frames must be a positive int, got {k!r}")
+            k = positive_int("num_init_frames", num_init_frames, default=1)
             video = self.preprocess_video(init_video, height, width)  # b c f H W
             if video.shape[0] != 1 or video.shape[1] != 3:
                 raise ValueError(f"init_video: one RGB video to continue, got shape {tuple(video.shape)}")
