@@ -17,6 +17,7 @@ from .adapters import (
     add_adapter,
     base_state_dict,
     delete_adapters,
+    disabled,
     fuse,
     has_unfused,
     is_fused,
@@ -32,6 +33,6 @@ from .targets import GROUPS, PRESETS, LoraSpec, group_of, resolve_groups, target
 __all__ = [
     "GROUPS", "LAYOUTS", "LORA_WEIGHT_NAME", "PRESETS", "LoraEntry", "LoraFormatError", "LoraSpec", "LoraWeights",
     "active_adapters", "adapter_names", "adapter_parameters", "adapter_weights", "add_adapter", "base_state_dict",
-    "delete_adapters", "fuse", "group_of", "has_unfused", "is_fused", "load_adapter", "lora_layers", "read_lora",
+    "delete_adapters", "disabled", "fuse", "group_of", "has_unfused", "is_fused", "load_adapter", "lora_layers", "read_lora",
     "resolve_groups", "scaled", "set_adapters", "target_modules", "unfuse", "unload", "write_diffusers_lora",
 ]

@@ -208,6 +208,26 @@ def scaled(model: nn.Module, scale: float) -> Iterator[None]:
             layer.scaling.update(saved[path])
 
 
+@contextlib.contextmanager
+def disabled(model: nn.Module) -> Iterator[None]:
+    """Run the base model alone inside the block: every LoRA layer skips its adapters (peft's
+    `enable_adapters(False)`), so a call costs what the bare model costs, unlike `scaled(model, 0.0)`,
+    which computes the updates and multiplies them by 0. Which parameters require grad comes back as it
+    was (peft's toggle would otherwise freeze or unfreeze them)."""
+    _require_unfused(model, "disabled")
+    layers = lora_layers(model)
+    grads = {n: p.requires_grad for n, p in model.named_parameters()}
+    try:
+        for layer in layers.values():
+            layer.enable_adapters(False)
+        yield
+    finally:
+        for layer in layers.values():
+            layer.enable_adapters(True)
+        for n, p in model.named_parameters():
+            p.requires_grad_(grads[n])
+
+
 def fuse(model: nn.Module, scale: float = 1.0, names: Sequence[str] | None = None) -> None:
     """Merge the active adapters (or `names`), times `scale`, into the base weights; until `unfuse`, the
     model runs at the base model's cost and per-call scales have no effect."""
