@@ -53,7 +53,9 @@ def main(cfg) -> None:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
     if int(os.environ.get("RANK", "0")) == 0:  # one line from a torchrun job
-        if config.trainer.lora.rank is not None:  # a LoRA folder: how to use it, on stderr (stdout is the path)
+        if config.trainer.target == "lcd":  # a distilled student's folder is a model of its own
+            print(f"sample with: python sample.py model={last} prompt=...", file=sys.stderr)
+        elif config.trainer.lora.rank is not None:  # a LoRA folder: how to use it, on stderr (stdout is the path)
             print(f"sample with: python sample.py model={config.model.name_or_path} lora={last} prompt=...",
                   file=sys.stderr)
         print(last)

@@ -54,8 +54,29 @@ class ValidationConfig:
 
 
 @dataclass
+class DistillConfig:
+    """trainer.target=lcd: latent consistency distillation (LCM, Luo et al. 2023; T2V-Turbo's recipe) of the
+    model into a few-step student: the model itself plus the LoRA of trainer.lora and a guidance-scale
+    embedding. The teacher is the same model with the adapter off, guided by classifier-free guidance."""
+
+    # the teacher's grid: timesteps k - 1, 2k - 1, ..., T - 1 with k = T // num_ddim_timesteps, one DDIM step
+    # apart; the student samples on it (its LCMScheduler's original_inference_steps). Fewer points: each
+    # teacher step is longer, and the consistency reaches from x_0 to pure noise in fewer links
+    num_ddim_timesteps: int = 50
+    # the guidance scale g (diffusers' form u + g (c - u)) the teacher runs at, drawn from U[min, max] per
+    # sample; the student is told g through its guidance embedding and runs one branch (pipe(guidance_scale=g))
+    guidance_min: float = 2.0
+    guidance_max: float = 2.0
+    guidance_embedding_dim: int = 256  # T2V-Turbo-MS's: a bias-free Linear(256 -> block_channels[0]), zero-initialised
+    timestep_scaling: float = 10.0  # s = 10 t in the boundary scalings c_skip, c_out (LCM's, T2V-Turbo's)
+    huber_c: float = 0.001  # the pseudo-Huber loss's c (LCM's and T2V-Turbo's scripts); 0: mean absolute error
+
+
+@dataclass
 class TrainerConfig:
-    target: str = "unet"  # "unet": the diffusion model; "vae": the autoencoder (reconstruction + KL)
+    # "unet": the diffusion model; "vae": the autoencoder (reconstruction + KL); "lcd": a few-step student of
+    # the UNet by latent consistency distillation (a LoRA: trainer.lora, trainer.lcd)
+    target: str = "unet"
     max_steps: int = 10000  # optimizer steps
     batch_size: int = 1  # per process and micro-batch; global batch = batch_size * grad_accum * world size
     grad_accum: int = 1
@@ -84,6 +105,7 @@ class TrainerConfig:
     # target unet: train a LoRA of the UNet instead of its weights (trainer.lora.rank=16; training/lora.py);
     # only the adapter is trained, averaged, checkpointed and resumed
     lora: LoraTrainConfig = field(default_factory=LoraTrainConfig)
+    lcd: DistillConfig = field(default_factory=DistillConfig)  # target lcd only
     # which timesteps a sample is trained at: "none" draws t uniformly; "later" / "earlier" multiply the
     # probability of the last / first `timestep_bias_portion` of the timesteps by `timestep_bias_multiplier`;
     # "range" that of [timestep_bias_begin, timestep_bias_end). (The names of diffusers' SDXL training
@@ -203,9 +225,9 @@ def check_config(cfg: TrainConfig) -> None:
     if refused:
         raise ConfigError(refused)
     if spec is not None:
-        if tc.target != "unet":
-            raise ConfigError(f"trainer.lora.rank is set, but a LoRA adapts the UNet: needs trainer.target=unet, "
-                              f"got {tc.target!r}")
+        if tc.target not in ("unet", "lcd"):
+            raise ConfigError(f"trainer.lora.rank is set, but a LoRA adapts the UNet: needs trainer.target=unet "
+                              f"or lcd, got {tc.target!r}")
         if tc.train_text_encoder:
             raise ConfigError("trainer.lora.rank with trainer.train_text_encoder=true: a LoRA trains the UNet's "
                               "adapter only; set one of them")

@@ -152,6 +152,7 @@ class Trainer:
         cfg, tc, procs = self.cfg, self.tc, self.procs
         state = self._open_run()
         pipe, ema_weights = self._start_pipeline(state)
+        self.objective_class.prepare_pipeline(pipe, tc)  # e.g. lcd: the student's guidance embedding
         factor = pipe.vae.config.downsample_factor
         if cfg.data.height % factor or cfg.data.width % factor:
             raise ConfigError(f"data.height and data.width must be multiples of the autoencoder's factor {factor}, "
@@ -324,7 +325,7 @@ class Trainer:
                     folder, unet=self.pipe.unet, shown=ema if ema is not None else raw,
                     raw=raw if ema is not None else None, base=self.cfg.model.name_or_path, spec=self.lora,
                     optimizer=optimizer, scaler=self.scaler.state_dict() if self.scaler.is_enabled() else None,
-                    trainer_state=trainer_state), fsync=self.tc.fsync_checkpoints)
+                    trainer_state=trainer_state, extra=self.objective.run_metadata()), fsync=self.tc.fsync_checkpoints)
                 return self._published(path)
             # what the folder shows: the EMA weights over the raw state (buffers are not averaged)
             shown_parts = split_state({**raw, **ema} if ema is not None else raw, self.components)

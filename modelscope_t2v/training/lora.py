@@ -7,6 +7,7 @@ A LoRA run's step folder is a LoRA folder that `pipe.load_lora_weights` and `sam
       pytorch_lora_weights.safetensors    the adapter in diffusers' layout (its EMA weights if the run keeps
                                           an EMA), fp32
       lora_run.json                       the base model it adapts (model.name_or_path) and the LoRA's settings
+                                          (trainer.target=lcd: also "distillation", the student's pipeline)
       raw/pytorch_lora_weights.safetensors   the raw adapter the optimizer trains (with an EMA only)
       training_state/                     optimizer (by parameter name), grad scaler, trainer_state.json
 
@@ -123,9 +124,10 @@ def _named(weights: LoraWeights) -> dict[str, Tensor]:
 
 def write_checkpoint(folder: Path, *, unet: nn.Module, shown: Mapping[str, Tensor], raw: Mapping[str, Tensor] | None,
                      base: str, spec: lora.LoraSpec, optimizer: tuple[dict, dict], scaler: dict | None,
-                     trainer_state: dict) -> None:
+                     trainer_state: dict, extra: Mapping[str, Any] | None = None) -> None:
     """Fill a (temporary) step folder of a LoRA run (see the module doc); `shown` and `raw` are the adapter's
-    parameters by name (EMA and raw; raw None without an EMA)."""
+    parameters by name (EMA and raw; raw None without an EMA); `extra` goes into lora_run.json beside the
+    settings (the objective's `run_metadata`: a distilled student's pipeline settings)."""
     from .checkpoints import write_training_state
 
     config = unet.config
@@ -135,7 +137,7 @@ def write_checkpoint(folder: Path, *, unet: nn.Module, shown: Mapping[str, Tenso
                              dtype=torch.float32)
     write_json(folder / RUN_FILE, {"base_model": base, "rank": spec.rank, "alpha": spec.alpha,
                                    "dropout": spec.dropout, "target": spec.target,
-                                   "modules": len(lora.adapter_parameters(unet, ADAPTER)) // 2})
+                                   "modules": len(lora.adapter_parameters(unet, ADAPTER)) // 2, **(extra or {})})
     write_training_state(folder, optimizer, scaler, trainer_state)
 
 

@@ -7,6 +7,8 @@ only place the trainer looks a target up; the loop and the checkpoint writer see
             autoencoder and text encoder as conditioning; with trainer.train_text_encoder the text encoder
             is trained too (both as one module)
     "vae"   the autoencoder alone: reconstruction + KL; its checkpoints carry a fitted scaling_factor
+    "lcd"   a few-step student of the UNet by latent consistency distillation (T2V-Turbo's recipe): the UNet
+            with a guidance embedding and a LoRA, its teacher the same UNet with the adapter off
 """
 
 from __future__ import annotations
@@ -22,11 +24,18 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from ..diffusion.consistency import guidance_scale_embedding
 from ..diffusion.losses import (
+    abar_at,
     autoencoder_loss,
+    consistency_output,
     diffusion_loss,
     diffusion_target,
+    distillation_timesteps,
     draw_timesteps,
+    guided_ddim_step,
+    pseudo_huber_loss,
+    split_prediction,
     timestep_weights,
 )
 from .. import lora
@@ -192,6 +201,15 @@ class Objective:
         """Why this target cannot run with `cfg` (a message naming the field), or None; checked before
         anything is built (training.config.check_config)."""
         return None
+
+    @classmethod
+    def prepare_pipeline(cls, pipe: TextToVideoSDPipeline, tc: TrainerConfig) -> None:
+        """Change the loaded pipeline's modules before the trained module is taken from it (and before a LoRA
+        is attached); the same on a fresh start and on resume."""
+
+    def run_metadata(self) -> dict:
+        """What a LoRA run's lora_run.json records besides the adapter's settings (loaders read it)."""
+        return {}
 
     def __init__(self, tc: TrainerConfig, pipe: TextToVideoSDPipeline, scheduler, device: torch.device,
                  amp: torch.dtype | None):
@@ -371,4 +389,190 @@ class AutoencoderObjective(Objective):
         vae.config = dataclasses.replace(vae.config, scaling_factor=factor)
 
 
-OBJECTIVES: Mapping[str, type[Objective]] = {"unet": DiffusionObjective, "vae": AutoencoderObjective}
+class ConsistencyDistillationObjective(Objective):
+    """Latent consistency distillation (LCM, Luo et al. 2023, Alg. 1 with classifier-free guidance; T2V-Turbo's
+    LoRA recipe without its reward terms). The student is the UNet with a zero-initialised guidance embedding
+    (T2V-Turbo-MS's `time_cond_proj`, pipelines.t2v_turbo.turbo_unet) and the LoRA of trainer.lora, which
+    adapts that embedding too when the target includes the stem group; with the adapter off and no embedding
+    it is exactly the loaded UNet, the teacher, so one UNet serves as both. Per sample:
+
+        t = a grid point (trainer.lcd.num_ddim_timesteps), t_prev = t - k, g ~ U[guidance_min, guidance_max]
+        x_t      = the forward process at t
+        x_prev   = one DDIM step of the teacher guided at g (two branches)         (diffusion.losses)
+        pred     = f(x_t, t, g), the student                                     (the gradient flows here)
+        target   = f(x_prev, t_prev, g), the student itself without gradient     (LCM-LoRA: no target EMA)
+        loss     = pseudo-Huber(pred, target)
+
+    with f = c_skip x + c_out x0_hat (the boundary scalings; f = x at t_prev = -1). The run's step folders
+    hold the adapter in diffusers' layout, and lora_run.json what the student pipeline needs
+    (T2VTurboMSPipeline.from_pretrained reads the folder; sample.py model=<folder>)."""
+
+    components = ("unet",)
+    conditioning_components = ("vae", "text_encoder")
+
+    @classmethod
+    def refuses(cls, cfg: TrainConfig) -> str | None:
+        tc, lc = cfg.trainer, cfg.trainer.lcd
+        if tc.lora.rank is None:
+            return "trainer.target=lcd trains a LoRA student: set trainer.lora.rank (e.g. 32, target all)"
+        if tc.train_text_encoder:
+            return "trainer.train_text_encoder=true needs trainer.target=unet"
+        if tc.lora.new_concept is not None:
+            return "trainer.lora.new_concept (prior preservation) needs trainer.target=unet"
+        if tc.caption_dropout != 0:
+            return (f"trainer.target=lcd distils the captioned model (the teacher's unconditional branch is run, not "
+                    f"trained): set trainer.caption_dropout=0, got {tc.caption_dropout}")
+        if tc.timestep_bias_strategy != "none":
+            return "trainer.timestep_bias_strategy: trainer.target=lcd draws its timesteps on the grid of trainer.lcd"
+        n = lc.num_ddim_timesteps
+        if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= 1000:
+            return f"trainer.lcd.num_ddim_timesteps must be an integer in [1, 1000], got {n!r}"
+        for key in ("guidance_min", "guidance_max", "timestep_scaling", "huber_c"):
+            value = getattr(lc, key)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < float("inf"):
+                return f"trainer.lcd.{key} must be a finite number >= 0, got {value!r}"
+        if not 1 <= lc.guidance_min <= lc.guidance_max:
+            return (f"trainer.lcd.guidance_min and guidance_max must satisfy 1 <= min <= max (diffusers' scale; 1 is "
+                    f"no guidance), got {lc.guidance_min}, {lc.guidance_max}")
+        d = lc.guidance_embedding_dim
+        if isinstance(d, bool) or not isinstance(d, int) or d < 4:
+            return f"trainer.lcd.guidance_embedding_dim must be an integer >= 4, got {d!r}"
+        if tc.validate_every and tc.validation.num_inference_steps > n:
+            return (f"trainer.validation.num_inference_steps={tc.validation.num_inference_steps} is more than the "
+                    f"student's grid, trainer.lcd.num_ddim_timesteps={n} (a student samples in e.g. 4 steps)")
+        return None
+
+    @classmethod
+    def prepare_pipeline(cls, pipe, tc):
+        from ..pipelines.t2v_turbo import turbo_unet
+
+        pipe.unet = turbo_unet(pipe.unet, cond_proj_init="zeros", cond_dim=tc.lcd.guidance_embedding_dim)
+
+    def __init__(self, tc, pipe, scheduler, device, amp):
+        super().__init__(tc, pipe, scheduler, device, amp)
+        teacher = pipe.scheduler.config  # the loaded model's own objective: the student must keep it
+        if (teacher.get("prediction_type"), bool(teacher.get("rescale_betas_zero_snr"))) != (
+                tc.prediction_type, bool(tc.zero_terminal_snr)):
+            raise ValueError(
+                f"trainer.target=lcd distils the model on its own objective: its scheduler has prediction_type="
+                f"{teacher.get('prediction_type')!r}, rescale_betas_zero_snr={teacher.get('rescale_betas_zero_snr')}"
+                f"; set trainer.prediction_type and trainer.zero_terminal_snr to match (got {tc.prediction_type!r}, "
+                f"{tc.zero_terminal_snr})")
+        self.alphas_cumprod = scheduler.alphas_cumprod.to(device)
+        self.uncond: Tensor | None = None  # the "" embedding, once
+
+    def run_metadata(self) -> dict:
+        lc = self.tc.lcd
+        return {"distillation": {
+            "pipeline": "T2VTurboMSPipeline", "method": "latent consistency distillation",
+            "guidance_embedding_dim": lc.guidance_embedding_dim, "cond_proj_init": "zeros",
+            "scheduler": self.student_scheduler_config(),
+            "default_guidance_scale": (lc.guidance_min + lc.guidance_max) / 2, "default_num_inference_steps": 4,
+            "guidance_min": lc.guidance_min, "guidance_max": lc.guidance_max,
+        }}
+
+    def student_scheduler_config(self) -> dict:
+        """The LCMScheduler config the student samples with: the teacher's schedule on the training grid."""
+        from ..schedulers import LCMScheduler
+
+        lc = self.tc.lcd
+        sched = LCMScheduler.from_config(self.scheduler.config, original_inference_steps=lc.num_ddim_timesteps,
+                                         timestep_scaling=float(lc.timestep_scaling))
+        return dict(sched.config)
+
+    def _text(self, captions: list[str]) -> tuple[Tensor, Tensor]:
+        """(the captions' embeddings, the "" embedding, each b n d)."""
+        if self.uncond is None:
+            self.uncond = self.conditioning.text([""])  # 1 n d
+        text = self.conditioning.text(captions)  # b n d
+        return text, self.uncond.expand(len(captions), -1, -1)
+
+    def _pair(self, model: nn.Module, latents: Tensor, text: Tensor, uncond: Tensor, noise: Tensor, t: Tensor,
+              t_prev: Tensor, g: Tensor, *, grad: bool) -> tuple[Tensor, Tensor]:
+        """(the student's f at t, the target f at t_prev) for one batch (see the class doc)."""
+        lc, ptype, ac = self.tc.lcd, self.tc.prediction_type, self.alphas_cumprod
+        emb = guidance_scale_embedding(g, lc.guidance_embedding_dim).to(self.device)  # b d
+        x_t = add_noise(latents, noise, ac, t)  # b c f h w
+        abar_t, abar_prev = abar_at(ac, t, x_t), abar_at(ac, t_prev, x_t)  # b 1 1 1 1
+        with torch.set_grad_enabled(grad), autocast(self.device, self.amp):
+            out = model(x_t, t, text, timestep_cond=emb)  # b c f h w
+        pred = consistency_output(x_t, split_prediction(out.float(), x_t, abar_t, ptype)[0], t, lc.timestep_scaling)
+        bare = getattr(model, "module", model)  # past DDP: these forwards are one rank's, not collectives
+        bare.eval()  # the teacher's prediction and the target: no dropout
+        try:
+            with torch.no_grad(), autocast(self.device, self.amp):
+                with lora.disabled(self.pipe.unet):  # the teacher: the bare UNet, no guidance embedding
+                    both = bare(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([uncond, text])).float()
+                u, c = both.chunk(2)  # b c f h w each
+                x_prev = guided_ddim_step(split_prediction(c, x_t, abar_t, ptype), split_prediction(u, x_t, abar_t, ptype),
+                                          g.to(self.device).reshape(-1, 1, 1, 1, 1), abar_prev)  # b c f h w
+                t_model = t_prev.clamp(min=0)
+                out_prev = bare(x_prev, t_model, text, timestep_cond=emb).float()  # b c f h w
+            target = consistency_output(x_prev, split_prediction(out_prev, x_prev, abar_prev, ptype)[0], t_prev,
+                                        lc.timestep_scaling)
+        finally:
+            if grad:
+                bare.train()
+        return pred, target
+
+    def _latents(self, batch: dict, generator: torch.Generator | None) -> Tensor:
+        posterior = self.conditioning.posterior(batch["pixels"])
+        z = posterior.sample(generator) if generator is not None else posterior.mode()
+        return z * self.pipe.vae.config.scaling_factor  # b c f h w
+
+    def loss(self, model, batch, gens):
+        lc, (cpu, dev) = self.tc.lcd, gens
+        text, uncond = self._text(list(batch["captions"]))
+        latents = self._latents(batch, dev)  # b c f h w
+        b = latents.shape[0]
+        noise = torch.randn(latents.shape, generator=dev, device=self.device)
+        t, t_prev = distillation_timesteps(b, len(self.alphas_cumprod), lc.num_ddim_timesteps, cpu)  # b, b
+        g = lc.guidance_min + (lc.guidance_max - lc.guidance_min) * torch.rand(b, generator=cpu, dtype=torch.float64)
+        pred, target = self._pair(model, latents, text, uncond, noise, t.to(self.device), t_prev.to(self.device),
+                                  g.float(), grad=True)
+        return pseudo_huber_loss(pred, target, lc.huber_c)
+
+    @torch.no_grad()
+    def eval_loss(self, model, batches):
+        """The distillation loss at `validation.loss_timesteps` grid points spread over the grid, the middle
+        guidance scale, noise from a fixed generator."""
+        if not batches:
+            return math.nan
+        lc, steps = self.tc.lcd, self.tc.validation.loss_timesteps
+        n, k = lc.num_ddim_timesteps, len(self.alphas_cumprod) // lc.num_ddim_timesteps
+        gen = torch.Generator(self.device).manual_seed(1234)
+        total = 0.0
+        for batch in batches:
+            text, uncond = self._text(list(batch["captions"]))
+            latents = self._latents(batch, None)
+            b = latents.shape[0]
+            g = torch.full((b,), (lc.guidance_min + lc.guidance_max) / 2)
+            for i in range(steps):
+                index = min(n - 1, int((i + 0.5) * n / steps))
+                t = torch.full((b,), (index + 1) * k - 1, device=self.device)
+                noise = torch.randn(latents.shape, generator=gen, device=self.device)
+                pred, target = self._pair(model, latents, text, uncond, noise, t, t - k, g, grad=False)
+                total += float(pseudo_huber_loss(pred, target, lc.huber_c)) / steps
+        return total / len(batches)
+
+    def validation_videos(self, model, batches, data):
+        """The validation prompts sampled by the student (its LCM scheduler, one branch, the middle guidance
+        scale embedded) at validation.num_inference_steps."""
+        from ..pipelines.t2v_turbo import T2VTurboMSPipeline
+        from ..schedulers import LCMScheduler
+
+        v, lc = self.tc.validation, self.tc.lcd
+        pipe = T2VTurboMSPipeline.from_pipe(self.pipe, scheduler=LCMScheduler.from_config(self.student_scheduler_config()))
+        pipe.set_progress_bar_config(disable=True)
+        guidance = v.guidance_scale if v.guidance_scale is not None else (lc.guidance_min + lc.guidance_max) / 2
+        videos = []
+        for i, prompt in enumerate(v.prompts):
+            out = pipe(prompt, num_frames=v.num_frames or data.num_frames, height=v.height or data.height,
+                       width=v.width or data.width, num_inference_steps=v.num_inference_steps, guidance_scale=guidance,
+                       generator=torch.Generator(self.device).manual_seed(v.seed + i), output_type="np").frames
+            videos.append(frames_to_uint8(out[0]))  # f h w 3
+        return videos
+
+
+OBJECTIVES: Mapping[str, type[Objective]] = {"unet": DiffusionObjective, "vae": AutoencoderObjective,
+                                             "lcd": ConsistencyDistillationObjective}
