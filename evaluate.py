@@ -133,6 +133,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reference", default="ddim:1000:trailing",
                    help="reference setting, or 'none' (default ddim:1000:trailing: every timestep, 999 to 0)")
     p.add_argument("--reference-pairs", type=int, default=12, help="pairs the reference is run for (default 12)")
+    p.add_argument("--reference-model", default=None,
+                   help="run the reference with this model instead of --model (a distilled student's error to its "
+                        "teacher: --model shapes-turbo --reference-model shapes), at its own default guidance")
     p.add_argument("--probe", type=int, default=0, metavar="N",
                    help="also run the caption probe on N held-out clips (default 0: no probe)")
     p.add_argument("--prompts", choices=("moving", "still"), default="moving",
@@ -227,7 +230,17 @@ def run(args: argparse.Namespace) -> dict:
     ref_videos = None
     if reference is not None and args.reference_pairs:
         print(f"reference {args.reference} on {args.reference_pairs} pairs ...", file=sys.stderr, flush=True)
-        ref_videos, seconds = videos(reference, pairs[:args.reference_pairs])
+        if args.reference_model is not None:  # another model's reference (a student's teacher): its own defaults
+            ref_pipe = TextToVideoSDPipeline.from_pretrained(args.reference_model)
+            ref_pipe.set_progress_bar_config(disable=True)
+            result["reference_model"] = str(args.reference_model)
+            ref_videos, seconds = se.run_setting(ref_pipe, pairs[:args.reference_pairs], reference.sampler, reference.steps,
+                                                 config=dict(ref_pipe.scheduler.config),
+                                                 guidance=ref_pipe.resolve_guidance_scale(args.guidance),
+                                                 spacing=reference.spacing, batch_size=args.batch_size)
+            del ref_pipe
+        else:
+            ref_videos, seconds = videos(reference, pairs[:args.reference_pairs])
         readings = [se.read_video(v) for v in ref_videos]
         result["reference_result"] = {
             "accuracy": se.accuracy(prompts[:args.reference_pairs], readings), "seconds": seconds}

@@ -81,9 +81,11 @@ class SampleConfig:
     negative_prompt: Optional[str] = None  # null: the empty prompt is the unconditional branch (as released)
     num_videos_per_prompt: int = 1  # videos per prompt, with seeds seed, seed + 1, ...
     model: str = DEFAULT_MODEL  # bundled model, preset (random weights!), local folder (either layout) or hub id
-    sampler: str = "ddim"  # ddim | dpm++2m | dpm++2m-karras | dpm++2m-sde | dpm++3m | euler | euler-a | unipc | lcm
-    # (spaces, case and '_' are ignored)
-    steps: int = 50  # number of denoising steps
+    # ddim | dpm++2m | dpm++2m-karras | dpm++2m-sde | dpm++3m | euler | euler-a | unipc | lcm (spaces, case and
+    # '_' are ignored); null: the model's own scheduler (DDIM for the released and shapes models, LCM for a
+    # distilled student such as shapes-turbo)
+    sampler: Optional[str] = None
+    steps: Optional[int] = None  # number of denoising steps; null: the model's default (a student's 4), else 50
     guidance: Optional[float] = None  # classifier-free guidance scale (<= 1 switches it off); null: the model's
     # default_guidance_scale (its model_index.json; the bundled shapes model's), else 9.0 (diffusers')
     spacing: Optional[str] = None  # leading | linspace | trailing; null: the sampler's own default
@@ -222,10 +224,12 @@ def validate(cfg: SampleConfig) -> None:
     if cfg.negative_prompt is not None and not isinstance(cfg.negative_prompt, str):
         raise ValueError(f"negative_prompt must be a string or null, got {cfg.negative_prompt!r}")
     _model_ref("model", cfg.model)
-    sampler_name(cfg.sampler)
-    _positive_int("steps", cfg.steps)
-    if cfg.steps > 1000:
-        raise ValueError(f"steps must be <= 1000 (the training schedule's length), got {cfg.steps}")
+    if cfg.sampler is not None:
+        sampler_name(cfg.sampler)
+    if cfg.steps is not None:
+        _positive_int("steps", cfg.steps)
+        if cfg.steps > 1000:
+            raise ValueError(f"steps must be <= 1000 (the training schedule's length), got {cfg.steps}")
     if cfg.guidance is not None:
         check_guidance_scale(cfg.guidance, "guidance")
     if cfg.spacing is not None and cfg.spacing not in SPACINGS:
@@ -382,9 +386,21 @@ def load_pipeline(model: str, cls, torch_dtype: torch.dtype):
     return cls.from_pretrained(model, torch_dtype=torch_dtype)
 
 
-def set_sampler(pipe, sampler: str, spacing: str | None) -> None:
-    """Replace pipe.scheduler by `sampler` built from the checkpoint's scheduler config."""
-    pipe.scheduler = schedulers.make_sampler(sampler, pipe.scheduler.config, spacing)
+def set_sampler(pipe, sampler: str | None, spacing: str | None) -> None:
+    """Replace pipe.scheduler by `sampler` built from the checkpoint's scheduler config (None: keep the model's
+    own scheduler, with `spacing` if given)."""
+    if sampler is not None:
+        pipe.scheduler = schedulers.make_sampler(sampler, pipe.scheduler.config, spacing)
+    elif spacing is not None:
+        if type(pipe.scheduler).__name__ == "LCMScheduler":
+            raise ValueError(f"spacing={spacing!r} does not apply to the model's LCM sampler (a distilled student's "
+                             "timesteps come from its distillation grid); leave it null")
+        pipe.scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config, timestep_spacing=spacing)
+
+
+def sampler_label(pipe, sampler: str | None) -> str:
+    """The sampler's name for the log: the one asked for, or the model's own scheduler's class."""
+    return sampler_name(sampler) if sampler is not None else f"{type(pipe.scheduler).__name__} (the model's own)"
 
 
 def resize_frames(frames, width: int, height: int):
@@ -405,7 +421,8 @@ def _request(cfg: SampleConfig) -> dict[str, Any]:
     up = dataclasses.asdict(cfg.upscale) if cfg.upscale.model is not None else None
     pairs = loras(cfg)
     lora = {"lora": [r for r, _ in pairs], "lora_scale": [w for _, w in pairs]} if pairs else {}
-    return {**{k: getattr(cfg, k) for k in keep}, "sampler": sampler_name(cfg.sampler), **lora, "upscale": up}
+    sampler = sampler_name(cfg.sampler) if cfg.sampler is not None else None  # None: the model's own
+    return {**{k: getattr(cfg, k) for k in keep}, "sampler": sampler, **lora, "upscale": up}
 
 
 def _warn_beyond_the_model(cfg: SampleConfig, videos: list[jobs.Video]) -> None:
@@ -482,7 +499,8 @@ def generate(cfg: SampleConfig | DictConfig | dict) -> Path:
         _warn_beyond_the_training_size(cfg, pipe)
         guidance = pipe.resolve_guidance_scale(cfg.guidance)
         log.info("model %s, sampler %s (%s spacing), %d steps, guidance %g%s, %s, %s: %d video(s)",
-                 cfg.model, sampler_name(cfg.sampler), pipe.scheduler.config.timestep_spacing, cfg.steps, guidance,
+                 cfg.model, sampler_label(pipe, cfg.sampler), pipe.scheduler.config.timestep_spacing,
+                 cfg.steps or pipe.default_num_inference_steps or 50, guidance,
                  " (the model's default)" if cfg.guidance is None and pipe.default_guidance_scale is not None else "",
                  device, cfg.dtype, len(todo))
         upscaler = None
@@ -561,7 +579,8 @@ def _first_pass(cfg: SampleConfig, pipe, guidance: float, videos: list[jobs.Vide
         frames = pipe(prompts, negative_prompt=negatives, generator=generators, output_type="np", loop=cfg.loop,
                       image_strength=cfg.image_strength, pin_noise=cfg.pin_noise, **pins, **kw).frames  # b f h w 3
     resolved = {"num_frames": frames.shape[1], "height": frames.shape[2], "width": frames.shape[3],
-                "guidance": guidance, "spacing": pipe.scheduler.config.timestep_spacing}
+                "guidance": guidance, "spacing": pipe.scheduler.config.timestep_spacing,
+                "steps": cfg.steps or pipe.default_num_inference_steps or 50, "scheduler": type(pipe.scheduler).__name__}
     return list(frames), resolved
 
 
@@ -570,7 +589,7 @@ def _upscale_pass(cfg: SampleConfig, upscaler, videos: list[jobs.Video], generat
     """The frames resized to upscale.width x height, then video-to-video with the upscaler (the generators go
     on from where the first pass left them)."""
     up = cfg.upscale
-    steps = up.steps or cfg.steps
+    steps = up.steps or cfg.steps or upscaler.default_num_inference_steps or 50
     up_guidance = upscaler.resolve_guidance_scale(up.guidance, video_to_video=True)
     log.info("upscaling to %dx%d with %s: strength %g, %d of %d steps, guidance %g",
              up.width, up.height, up.model, up.strength, int(steps * up.strength), steps, up_guidance)

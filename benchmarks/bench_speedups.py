@@ -12,6 +12,11 @@ taken against. All settings run in this process, interleaved run by run (diffuse
 even ones), after one warm-up call each; medians of wall and of process CPU time. Same prompt, negative prompt,
 guidance 9 and seed everywhere. The quality of each setting is measured on the bundled shapes model by
 evaluate.py with the same setting strings (docs/benchmarks.md).
+
+"student:STEPS" times a consistency-distilled student of the checkpoint (what trainer.target=lcd makes, e.g.
+shapes-turbo): the UNet with its guidance embedding (zero here: a fused LoRA costs nothing at sampling time),
+one branch, the LCM sampler on a 20-point grid. Its frames are not the teacher's: its difference column is a
+distance, not an error.
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ import bench_pipeline as bp  # noqa: E402
 
 SETTINGS = ["ddim:50", "ddim:50+deepcache=3", "ddim:50+deepcache=5", "ddim:50+guidance_cache=2",
             "ddim:50+deepcache=3+guidance_cache=2", "dpm++2m:20", "dpm++2m-karras:20", "unipc:10", "unipc:10+deepcache=2",
-            "euler:25", "euler-a:25", "dpm++2m:10", "unipc:5"]
+            "euler:25", "euler-a:25", "dpm++2m:10", "unipc:5", "student:4"]
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -54,28 +59,46 @@ def main(argv=None) -> int:
 
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    settings = [evaluate.parse_setting(s) for s in args.settings]  # errors before any model loads
+    students = {s: int(s.split(":", 1)[1]) for s in args.settings if s.startswith("student:")}
+    settings = [evaluate.parse_setting(s) for s in args.settings if s not in students]  # errors before any model loads
     folder = bp.build_checkpoint(args)
     ours, ref = bp.load("ours", folder), bp.load("diffusers", folder)
     released = dict(ours.scheduler.config)
+    student = None
+    if students:
+        from modelscope_t2v.pipelines import T2VTurboMSPipeline
+        from modelscope_t2v.pipelines.t2v_turbo import turbo_unet
+        from modelscope_t2v.schedulers import LCMScheduler
+
+        student = T2VTurboMSPipeline.from_pipe(ours, unet=turbo_unet(ours.unet, "zeros"),
+                                               scheduler=LCMScheduler.from_config(released, original_inference_steps=20))
+        student.set_progress_bar_config(disable=True)
 
     def call(pipe, steps):
         return pipe(bp.PROMPT, negative_prompt=bp.NEGATIVE, num_frames=args.frames, height=args.size, width=args.size,
                     num_inference_steps=steps, guidance_scale=9.0, generator=torch.Generator("cpu").manual_seed(0),
                     output_type="np").frames
 
+    def call_student(steps):  # one branch: no negative prompt; the scale goes in as the embedding
+        return student(bp.PROMPT, num_frames=args.frames, height=args.size, width=args.size, num_inference_steps=steps,
+                       guidance_scale=2.0, generator=torch.Generator("cpu").manual_seed(0), output_type="np").frames
+
     def run(label):
         if label == "diffusers":
             return call(ref, 50)
+        if label in students:
+            return call_student(students[label])
         s = next(s for s in settings if s.label == label)
         ours.scheduler = schedulers.make_sampler(s.sampler, released, s.spacing)
         with evaluate.speedups(ours, s):
             return call(ours, s.steps)
 
-    labels = ["diffusers"] + [s.label for s in settings]
+    labels = ["diffusers"] + [s.label for s in settings] + list(students)
     for label in labels:  # warm-up: allocator and oneDNN primitives for these shapes
         if label == "diffusers":
             call(ref, 1)
+        elif label in students:
+            call_student(1)
         else:
             s = next(x for x in settings if x.label == label)
             ours.scheduler = schedulers.make_sampler(s.sampler, released, s.spacing)

@@ -187,10 +187,17 @@ def convert_checkpoint(
 def convert_lora_file(src, dst, model, *, dtype: str | None = None, overwrite: bool = False) -> Path:
     """Read the LoRA `src` (a file, a folder or a hub id; any layout of formats.lora_layout) for the UNet of
     `model` (a folder, bundled model or hub id: its UNet config says which modules exist) and write it in
-    diffusers' layout: `dst` a folder (then `pytorch_lora_weights.safetensors` in it) or a `.safetensors` path."""
+    diffusers' layout: `dst` a folder (then `pytorch_lora_weights.safetensors` in it) or a `.safetensors` path.
+
+    A distilled student's folder (trainer.target=lcd) is read against `model`'s UNet with the student's guidance
+    embedding, and `dst` (a folder) gets its lora_run.json too, with `model` as its base: the bundled
+    shapes-turbo is `convert_weights.py runs/.../last modelscope_t2v/weights/shapes-turbo --lora-for shapes`."""
+    import dataclasses
+
+    from .files import write_json
     from .folders import read_unet
     from .locate import resolve_file
-    from .lora_layout import LORA_WEIGHT_NAME, read_lora, write_diffusers_lora
+    from .lora_layout import LORA_WEIGHT_NAME, STUDENT_FILE, read_lora, read_student, write_diffusers_lora
     from .unet_layout import unet_config_from_diffusers
 
     if dtype is not None and dtype not in DTYPES:
@@ -206,5 +213,14 @@ def convert_lora_file(src, dst, model, *, dtype: str | None = None, overwrite: b
         raise FileExistsError(f"{target} exists; pass --overwrite to replace it")
     if target.resolve() == path.resolve():
         raise FileExistsError(f"{target} is the source file; write elsewhere")
+    student = read_student(src) if Path(src).is_dir() else None
+    if student is not None:
+        if Path(dst).suffix == ".safetensors":
+            raise ValueError(f"{src} is a distilled student: write it to a folder (the LoRA and {STUDENT_FILE}), "
+                             f"not to the file {dst}")
+        config = dataclasses.replace(config, timestep_cond_dim=int(student["distillation"]["guidance_embedding_dim"]))
     weights, _ = read_lora(path, config)
-    return write_diffusers_lora(target, weights, config, dtype=DTYPES[dtype] if dtype else None)
+    out = write_diffusers_lora(target, weights, config, dtype=DTYPES[dtype] if dtype else None)
+    if student is not None:
+        write_json(target.parent / STUDENT_FILE, {**student, "base_model": str(model)})
+    return out

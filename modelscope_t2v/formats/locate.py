@@ -32,11 +32,13 @@ DIFFUSERS_WEIGHTS = {
 }
 
 # ---------------------------------------------------------------------------------------------------
-# Bundled models: name -> folder under WEIGHTS_DIR (a diffusers-layout pipeline folder). "shapes" is the
-# small text-to-video model of the shapes world (configs/model/shapes.yaml; docs/shapes_model.md).
+# Bundled models: name -> folder under WEIGHTS_DIR (a diffusers-layout pipeline folder, or a distilled
+# student's folder: its LoRA and lora_run.json, read by pipelines.t2v_turbo). "shapes" is the small
+# text-to-video model of the shapes world (configs/model/shapes.yaml; docs/shapes_model.md); "shapes-turbo"
+# its 4-step student (trainer=shapes_lcd; docs/benchmarks.md).
 
 WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"
-BUNDLED: dict[str, str] = {"shapes": "shapes"}
+BUNDLED: dict[str, str] = {"shapes": "shapes", "shapes-turbo": "shapes-turbo"}
 
 
 def bundled_path(name: str) -> Path | None:
@@ -45,7 +47,7 @@ def bundled_path(name: str) -> Path | None:
     if folder is None:
         return None
     path = WEIGHTS_DIR / folder
-    return path if (path / "model_index.json").is_file() else None
+    return path if (path / "model_index.json").is_file() or (path / "lora_run.json").is_file() else None
 
 
 # Bundled LoRAs: name -> folder under WEIGHTS_DIR holding pytorch_lora_weights.safetensors. "shapes-still" teaches
@@ -89,7 +91,7 @@ def _wanted_files(files: list[str], variant: str | None) -> list[str]:
     """Of a repo's files, the configs plus one weights file per component (safetensors before .bin,
     the requested variant before the plain file)."""
     wanted = [f for f in files if f.endswith((".json", ".txt")) and f.count("/") <= 1]
-    wanted += [f for f in files if f in (MS_UNET, MS_VAE, MS_CLIP)]
+    wanted += [f for f in files if f in (MS_UNET, MS_VAE, MS_CLIP, "pytorch_lora_weights.safetensors")]  # + a student's LoRA
     for component, stem in DIFFUSERS_WEIGHTS.items():
         pick = pick_weights([f for f in files if f.startswith(component + "/")], f"{component}/{stem}", variant)
         if pick is not None:

@@ -45,13 +45,37 @@ from safetensors import SafetensorError, safe_open
 from torch import Tensor, nn
 
 from ..models.unet import UNet3D, UNetConfig
-from .files import atomic_path, check_weights
+from .files import LayoutError, atomic_path, check_weights, read_json
 from .safe_pickle import CheckpointReadError, safe_torch_load
 from .tables import Rename, _to_rank
 from .unet_layout import unet_diffusers_table, unet_original_table
 
 LAYOUTS = ("diffusers", "stable_lora", "stable_lora_webui", "cloneofsimo")
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # diffusers' name for a LoRA file in a folder
+# A distilled student's folder (trainer.target=lcd; pipelines.t2v_turbo reads it): this file with a
+# "distillation" entry (its base model, guidance embedding, scheduler, defaults), beside its LoRA
+STUDENT_FILE = "lora_run.json"
+
+
+def read_student(folder) -> dict | None:
+    """The lora_run.json of a distilled student's folder (a dict with "base_model" and "distillation"), or
+    None if `folder` is not one; LayoutError naming the file when it is one but incomplete."""
+    path = Path(folder) / STUDENT_FILE
+    if not path.is_file():
+        return None
+    run = read_json(path)
+    if "distillation" not in run:
+        return None  # a plain LoRA run's folder
+    d = run["distillation"]
+    missing = [k for k in ("guidance_embedding_dim", "cond_proj_init", "scheduler") if k not in d]
+    if "base_model" not in run or missing:
+        lacks = (["base_model"] if "base_model" not in run else []) + missing
+        raise LayoutError(f"{path}: a distilled student's record lacks {lacks}")
+    if not (Path(folder) / LORA_WEIGHT_NAME).is_file():
+        raise LayoutError(f"{folder}: a distilled student's folder without its LoRA {LORA_WEIGHT_NAME}")
+    return run
+
+
 METADATA_KEY = "lora_adapter_metadata"  # diffusers' safetensors metadata key (LoraConfig fields, JSON)
 ADAPTABLE = (nn.Linear, nn.Conv2d, nn.Conv3d)
 

@@ -15,6 +15,7 @@ from .. import lora
 from ..formats import folders
 from ..formats.folders import released_scheduler_config
 from ..formats.locate import detect_layout, resolve
+from ..formats.lora_layout import read_student
 from ..models import TEXT_PRESETS, UNET_PRESETS, VAE_PRESETS, build_text_encoder, build_tokenizer
 from ..models.unet import UNet3D
 from ..models.vae import AutoencoderKL
@@ -49,6 +50,11 @@ class ComponentMethods:
         if torch_dtype is not None and not isinstance(torch_dtype, torch.dtype):
             raise TypeError(f"torch_dtype must be a torch.dtype, got {torch_dtype!r}")
         folder = resolve(path_or_repo_id, revision=revision, variant=variant)
+        from .t2v_turbo import T2VTurboMSPipeline
+
+        if not (folder / "model_index.json").is_file() and read_student(folder) is not None:
+            # a distilled student (a LoRA over a base model named in its lora_run.json): its own pipeline class
+            return T2VTurboMSPipeline.from_student(folder, torch_dtype=torch_dtype, variant=variant, **kwargs)
         layout = detect_layout(folder)
         defaults = folders.read_generation_defaults(folder, layout)  # checked before any weights load
         parts = dict(kwargs)

@@ -20,6 +20,12 @@ diffusers' own from_config from that seed). This is the one uncertainty of this 
 had drawn nothing before cannot be checked without that process, and torch 2.13 and 2.14 seed a new process's
 generator at random (seen here), so the demo run on those gives a different cond_proj each run.
 `cond_proj_init="zeros"` uses the LoRA's update alone.
+
+Students of our own (`train.py trainer.target=lcd`, e.g. the bundled `shapes-turbo`) are folders holding the
+LoRA (`pytorch_lora_weights.safetensors`) and `lora_run.json`, whose "distillation" entry names the base
+model, the guidance embedding's width, the LCM scheduler config and the defaults; `from_pretrained` (and
+`DiffusionPipeline.from_pretrained`, sample.py `model=`) read such a folder with `from_student`. Their
+embedding starts at zero ("zeros"), so the file holds all of it.
 """
 
 from __future__ import annotations
@@ -34,10 +40,10 @@ from torch import nn
 
 from .. import lora
 from ..formats.folders import instantiate
-from ..formats.files import read_json
-from ..formats.locate import detect_layout, resolve, resolve_file
+from ..formats.files import LayoutError, read_json
+from ..formats.locate import bundled_path, detect_layout, resolve, resolve_file
 from ..formats.unet_layout import unet_config_from_diffusers
-from ..formats.lora_layout import read_lora
+from ..formats.lora_layout import LORA_WEIGHT_NAME, STUDENT_FILE, read_lora, read_student
 from ..models.unet import UNet3D, UNetConfig
 from ..schedulers import LCMScheduler
 from .text_to_video import TextToVideoSDPipeline
@@ -116,6 +122,11 @@ class T2VTurboMSPipeline(TextToVideoSDPipeline):
         local = Path(path_or_repo_id).expanduser()
         if (local / "model_index.json").is_file():  # a saved pipeline folder: nothing to apply
             return super().from_pretrained(local, torch_dtype=torch_dtype, variant=variant, **kwargs)
+        # a student of our own: a folder or a bundled name here (on the hub: DiffusionPipeline.from_pretrained)
+        folder = local if local.is_dir() else bundled_path(str(path_or_repo_id))
+        if folder is not None and read_student(folder) is not None:
+            return cls.from_student(folder, base=None if base == BASE_REPO else base, fuse_lora=fuse_lora,
+                                    torch_dtype=torch_dtype, variant=variant, **kwargs)
         _check_cond_proj_init(cond_proj_init)
         path = resolve_file(path_or_repo_id, weight_name, (TURBO_WEIGHT_NAME,), (".pt", ".safetensors"),
                             revision=revision, what="T2V-Turbo-MS LoRA")
@@ -129,21 +140,53 @@ class T2VTurboMSPipeline(TextToVideoSDPipeline):
 
     @classmethod
     def from_base(cls, base_pipe: TextToVideoSDPipeline, lora_file, *, fuse_lora: bool = True,
-                  cond_proj_init: str = "demo", _weights=None) -> "T2VTurboMSPipeline":
-        """`base_pipe`'s components with the turbo UNet (the LoRA of `lora_file` applied) and scheduler; the
-        LoRA is read and checked against the turbo UNet before anything is built from it (`_weights`: already
-        read and checked against the same config by from_pretrained)."""
+                  cond_proj_init: str = "demo", cond_dim: int = GUIDANCE_EMBEDDING_DIM, scheduler=None,
+                  defaults: dict | None = None, _weights=None) -> "T2VTurboMSPipeline":
+        """`base_pipe`'s components with the turbo UNet (the LoRA of `lora_file` applied) and scheduler
+        (default: T2V-Turbo-MS's) and defaults (default: T2V-Turbo-MS's); the LoRA is read and checked
+        against the turbo UNet before anything is built from it (`_weights`: already read and checked against
+        the same config by from_pretrained)."""
         weights = _weights
         if weights is None:
-            config = dataclasses.replace(base_pipe.unet.config, timestep_cond_dim=GUIDANCE_EMBEDDING_DIM)
+            config = dataclasses.replace(base_pipe.unet.config, timestep_cond_dim=cond_dim)
             weights, _ = read_lora(lora_file, config)
-        unet = turbo_unet(base_pipe.unet, cond_proj_init)
+        unet = turbo_unet(base_pipe.unet, cond_proj_init, cond_dim)
         lora.load_adapter(unet, "t2v_turbo", weights)
         if fuse_lora:  # as the release's demo: merged, the LoRA layers removed
             lora.fuse(unet)
             lora.unload(unet)
-        pipe = cls.from_pipe(base_pipe, unet=unet, scheduler=turbo_scheduler())
-        pipe.generation_defaults = {**base_pipe.generation_defaults, **TURBO_DEFAULTS}
+        pipe = cls.from_pipe(base_pipe, unet=unet, scheduler=scheduler if scheduler is not None else turbo_scheduler())
+        pipe.generation_defaults = {**base_pipe.generation_defaults, **(TURBO_DEFAULTS if defaults is None else defaults)}
         pipe.name_or_path = str(lora_file)
+        return pipe
+
+    @classmethod
+    def from_student(cls, folder: str | os.PathLike, *, base: str | os.PathLike | TextToVideoSDPipeline | None = None,
+                     fuse_lora: bool = True, torch_dtype: torch.dtype | None = None, variant: str | None = None,
+                     **kwargs):
+        """A distilled student of our own (see the module doc): its base model (lora_run.json's, or `base`: a
+        folder, bundled name or hub id, e.g. when the run's relative path no longer resolves, or a loaded
+        pipeline, e.g. a preset's), the LoRA, the guidance embedding, its LCM scheduler and defaults (4 steps,
+        the middle of the trained guidance range)."""
+        folder = resolve(folder)
+        run = read_student(folder)
+        if run is None:
+            raise LayoutError(f"{folder} is not a distilled student's folder (no {STUDENT_FILE} with a "
+                              f"\"distillation\" entry)")
+        d = run["distillation"]
+        _check_cond_proj_init(d["cond_proj_init"])
+        scheduler = kwargs.pop("scheduler", None)
+        if scheduler is None:
+            scheduler = LCMScheduler.from_config(d["scheduler"])
+        if isinstance(base, TextToVideoSDPipeline):
+            base_pipe = base
+        else:
+            base_pipe = TextToVideoSDPipeline.from_pretrained(base if base is not None else run["base_model"],
+                                                              torch_dtype=torch_dtype, variant=variant, **kwargs)
+        defaults = {k: d[k] for k in ("default_guidance_scale", "default_num_inference_steps") if k in d}
+        pipe = cls.from_base(base_pipe, folder / LORA_WEIGHT_NAME, fuse_lora=fuse_lora,
+                             cond_proj_init=d["cond_proj_init"], cond_dim=int(d["guidance_embedding_dim"]),
+                             scheduler=scheduler, defaults=defaults)
+        pipe.name_or_path = str(folder)
         return pipe
 

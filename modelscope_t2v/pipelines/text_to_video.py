@@ -18,6 +18,7 @@ from ..diffusion.noise import randn
 from ..diffusion.samplers import cfg_model_fn
 from ..formats import folders
 from ..formats.locate import detect_layout, resolve
+from ..formats.lora_layout import read_student
 from ..models import tokenize
 from ..models.unet import UNet3D
 from ..models.vae import AutoencoderKL
@@ -484,8 +485,11 @@ class DiffusionPipeline:
     @classmethod
     def from_pretrained(cls, path_or_repo_id, **kwargs):
         folder = resolve(path_or_repo_id, revision=kwargs.get("revision"), variant=kwargs.get("variant"))
-        name = folders.pipeline_class_name(folder, detect_layout(folder))
         from .t2v_turbo import T2VTurboMSPipeline
+
+        if not (folder / "model_index.json").is_file() and read_student(folder) is not None:
+            return T2VTurboMSPipeline.from_student(folder, **kwargs)  # a distilled student of our own
+        name = folders.pipeline_class_name(folder, detect_layout(folder))
 
         classes = {c.__name__: c for c in (TextToVideoSDPipeline, VideoToVideoSDPipeline, T2VTurboMSPipeline)}
         if name not in classes:
