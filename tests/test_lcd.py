@@ -140,9 +140,12 @@ def test_the_student_holds_its_teacher_exactly():
 
 def test_a_distillation_run_writes_a_student_that_loads_as_a_four_step_pipeline(tmp_path):
     run = tmp_path / "run"
-    last = train(compose_cfg(LCD + ["trainer.max_steps=4", "trainer.checkpoint_every=2", f"run_dir={run}"]))
+    last = train(compose_cfg(LCD + ["trainer.max_steps=4", "trainer.checkpoint_every=2", "trainer.validate_every=4",
+                                    "trainer.validation.num_inference_steps=2", f"run_dir={run}"]))
     rows = metrics(run)
     assert [r["step"] for r in rows] == [1, 2, 3, 4] and all(0 < r["loss"] < float("inf") for r in rows)
+    assert 0 < rows[-1]["eval_loss"] < float("inf")  # the distillation loss on fixed batches
+    assert len(list((run / "validation").rglob("*.mp4"))) == 2  # the student's own 2-step videos of the prompts
     info = read_student(last)
     d = info["distillation"]
     assert info["base_model"] == "tiny" and info["rank"] == 4 and d["guidance_embedding_dim"] == 256

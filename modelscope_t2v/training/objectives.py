@@ -172,6 +172,18 @@ def to_uint8(video: Tensor) -> np.ndarray:
     return x.permute(1, 2, 3, 0).cpu().numpy()
 
 
+def sample_validation_prompts(pipe, v, data: DataConfig, guidance: float, device: torch.device) -> list[np.ndarray]:
+    """trainer.validation's prompts sampled by `pipe` (its size defaulting to the data's), one seed each: f h w 3
+    uint8 videos."""
+    videos = []
+    for i, prompt in enumerate(v.prompts):
+        out = pipe(prompt, num_frames=v.num_frames or data.num_frames, height=v.height or data.height,
+                   width=v.width or data.width, num_inference_steps=v.num_inference_steps, guidance_scale=guidance,
+                   generator=torch.Generator(device).manual_seed(v.seed + i), output_type="np").frames
+        videos.append(frames_to_uint8(out[0]))  # f h w 3
+    return videos
+
+
 # ---------------------------------------------------------------------------------------------------
 # The objectives.
 
@@ -328,13 +340,7 @@ class DiffusionObjective(Objective):
         pipe = TextToVideoSDPipeline.from_pipe(self.pipe, scheduler=self.scheduler)
         pipe.set_progress_bar_config(disable=True)
         guidance = pipe.resolve_guidance_scale(v.guidance_scale)
-        videos = []
-        for i, prompt in enumerate(v.prompts):
-            out = pipe(prompt, num_frames=v.num_frames or data.num_frames, height=v.height or data.height,
-                       width=v.width or data.width, num_inference_steps=v.num_inference_steps, guidance_scale=guidance,
-                       generator=torch.Generator(self.device).manual_seed(v.seed + i), output_type="np").frames
-            videos.append(frames_to_uint8(out[0]))  # f h w 3
-        return videos
+        return sample_validation_prompts(pipe, v, data, guidance, self.device)
 
 
 class AutoencoderObjective(Objective):
@@ -565,13 +571,7 @@ class ConsistencyDistillationObjective(Objective):
         pipe = T2VTurboMSPipeline.from_pipe(self.pipe, scheduler=LCMScheduler.from_config(self.student_scheduler_config()))
         pipe.set_progress_bar_config(disable=True)
         guidance = v.guidance_scale if v.guidance_scale is not None else (lc.guidance_min + lc.guidance_max) / 2
-        videos = []
-        for i, prompt in enumerate(v.prompts):
-            out = pipe(prompt, num_frames=v.num_frames or data.num_frames, height=v.height or data.height,
-                       width=v.width or data.width, num_inference_steps=v.num_inference_steps, guidance_scale=guidance,
-                       generator=torch.Generator(self.device).manual_seed(v.seed + i), output_type="np").frames
-            videos.append(frames_to_uint8(out[0]))  # f h w 3
-        return videos
+        return sample_validation_prompts(pipe, v, data, guidance, self.device)
 
 
 OBJECTIVES: Mapping[str, type[Objective]] = {"unet": DiffusionObjective, "vae": AutoencoderObjective,
