@@ -165,6 +165,12 @@ class Conditioning:
             rows.append(self.latent_cache.get_or(key, lambda x=x: moments(x).cpu()).to(self.device))
         return DiagonalGaussian(torch.cat(rows))  # b 2z f h w
 
+    def latents(self, pixels: Tensor, generator: torch.Generator | None) -> Tensor:
+        """Scaled latents b c f h w: a posterior sample, or its mean without a generator."""
+        posterior = self.posterior(pixels)
+        z = posterior.sample(generator) if generator is not None else posterior.mode()
+        return z * self.pipe.vae.config.scaling_factor
+
 
 def to_uint8(video: Tensor) -> np.ndarray:
     """c f h w in [-1, 1] -> f h w 3 uint8."""
@@ -272,10 +278,7 @@ class DiffusionObjective(Objective):
         self.timestep_weights = timestep_weights_for(tc, len(self.alphas_cumprod))
 
     def _latents(self, batch: dict, generator: torch.Generator | None) -> Tensor:
-        """Scaled latents b c f h w: a posterior sample, or its mean without a generator."""
-        posterior = self.conditioning.posterior(batch["pixels"])
-        z = posterior.sample(generator) if generator is not None else posterior.mode()
-        return z * self.pipe.vae.config.scaling_factor
+        return self.conditioning.latents(batch["pixels"], generator)  # b c f h w
 
     def loss(self, model, batch, gens):
         tc, (cpu, dev) = self.tc, gens
@@ -522,9 +525,7 @@ class ConsistencyDistillationObjective(Objective):
         return pred, target
 
     def _latents(self, batch: dict, generator: torch.Generator | None) -> Tensor:
-        posterior = self.conditioning.posterior(batch["pixels"])
-        z = posterior.sample(generator) if generator is not None else posterior.mode()
-        return z * self.pipe.vae.config.scaling_factor  # b c f h w
+        return self.conditioning.latents(batch["pixels"], generator)  # b c f h w
 
     def loss(self, model, batch, gens):
         lc, (cpu, dev) = self.tc.lcd, gens
