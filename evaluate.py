@@ -50,7 +50,7 @@ import numpy as np
 import torch
 
 from modelscope_t2v import jobs, schedulers
-from modelscope_t2v.formats.files import write_json
+from modelscope_t2v.formats.files import write_json, write_safetensors
 from modelscope_t2v.eval import harness
 from modelscope_t2v.eval import shapes as se
 
@@ -116,6 +116,25 @@ def speedups(pipe, setting: Setting):
         pipe.disable_guidance_cache()
 
 
+def read_reference_cache(path: Path, key: dict) -> np.ndarray | None:
+    """The reference videos kept in `path` by an earlier run with the same `key` (model, setting, guidance,
+    pairs), or None when there is no file yet. A file made otherwise is an error naming the fields that differ."""
+    if not path.exists():
+        return None
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = (f.metadata() or {}).get("reference")
+        if meta is None or "videos" not in f.keys():
+            raise ValueError(f"--reference-cache {path}: not a reference cache (no 'reference' metadata or 'videos')")
+        kept = json.loads(meta)
+        differ = [f"{k}: file {kept.get(k)!r}, this run {v!r}" for k, v in key.items() if kept.get(k) != v]
+        if differ:
+            raise ValueError(f"--reference-cache {path} holds another reference ({'; '.join(differ)}); "
+                             "give another file or delete it")
+        return f.get_tensor("videos").numpy()
+
+
 def parse_setting_or_none(text: str) -> Setting | None:
     return None if text == "none" else parse_setting(text)
 
@@ -136,6 +155,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reference-model", default=None,
                    help="run the reference with this model instead of --model (a distilled student's error to its "
                         "teacher: --model shapes-turbo --reference-model shapes), at its own default guidance")
+    p.add_argument("--reference-cache", type=Path, default=None, metavar="FILE",
+                   help="keep the reference videos in this safetensors file: written after the reference runs, read "
+                        "instead of running it when it was made by the same model, setting, guidance and pairs "
+                        "(a different one is an error that names what differs)")
     p.add_argument("--probe", type=int, default=0, metavar="N",
                    help="also run the caption probe on N held-out clips (default 0: no probe)")
     p.add_argument("--prompts", choices=("moving", "still"), default="moving",
@@ -190,7 +213,7 @@ def run(args: argparse.Namespace) -> dict:
 
     if args.pairs < 1 or args.batch_size < 1 or args.reference_pairs < 0 or args.probe < 0:
         raise ValueError("--pairs and --batch-size must be >= 1, --reference-pairs and --probe >= 0")
-    for path in (args.out, args.videos):  # checked before a long run, not after it
+    for path in (args.out, args.videos, args.reference_cache):  # checked before a long run, not after it
         if path is not None:
             jobs.check_writable(path)
     settings = [s for s in args.settings if s is not None]
@@ -229,21 +252,34 @@ def run(args: argparse.Namespace) -> dict:
               "settings": []}
     ref_videos = None
     if reference is not None and args.reference_pairs:
-        print(f"reference {args.reference} on {args.reference_pairs} pairs ...", file=sys.stderr, flush=True)
+        ref_pipe, ref_lora = pipe, result["lora"]
         if args.reference_model is not None:  # another model's reference (a student's teacher): its own defaults
-            ref_pipe = TextToVideoSDPipeline.from_pretrained(args.reference_model)
+            ref_pipe, ref_lora = TextToVideoSDPipeline.from_pretrained(args.reference_model), []
             ref_pipe.set_progress_bar_config(disable=True)
             result["reference_model"] = str(args.reference_model)
-            ref_videos, seconds = se.run_setting(ref_pipe, pairs[:args.reference_pairs], reference.sampler, reference.steps,
-                                                 config=dict(ref_pipe.scheduler.config),
-                                                 guidance=ref_pipe.resolve_guidance_scale(args.guidance),
-                                                 spacing=reference.spacing, batch_size=args.batch_size)
-            del ref_pipe
+        ref_guidance = ref_pipe.resolve_guidance_scale(args.guidance)
+        ref_key = {"model": str(args.reference_model or args.model), "lora": ref_lora,
+                   "lora_scale": result["lora_scale"] if ref_lora else None, "setting": reference.label,
+                   "prompts": args.prompts, "seed0": args.seed0, "pairs": args.reference_pairs, "guidance": ref_guidance}
+        ref_videos = read_reference_cache(args.reference_cache, ref_key) if args.reference_cache else None
+        if ref_videos is not None:
+            print(f"reference {args.reference} on {args.reference_pairs} pairs: read from {args.reference_cache}",
+                  file=sys.stderr, flush=True)
+            result["reference_result"] = {"cache": str(args.reference_cache)}
         else:
-            ref_videos, seconds = videos(reference, pairs[:args.reference_pairs])
-        readings = [se.read_video(v) for v in ref_videos]
-        result["reference_result"] = {
-            "accuracy": se.accuracy(prompts[:args.reference_pairs], readings), "seconds": seconds}
+            print(f"reference {args.reference} on {args.reference_pairs} pairs ...", file=sys.stderr, flush=True)
+            with speedups(ref_pipe, reference):
+                ref_videos, seconds = se.run_setting(ref_pipe, pairs[:args.reference_pairs], reference.sampler,
+                                                     reference.steps, config=dict(ref_pipe.scheduler.config),
+                                                     guidance=ref_guidance, spacing=reference.spacing,
+                                                     batch_size=args.batch_size)
+            result["reference_result"] = {"seconds": seconds}
+            if args.reference_cache is not None:
+                write_safetensors(args.reference_cache, {"videos": torch.from_numpy(np.ascontiguousarray(ref_videos))},
+                                  metadata={"reference": json.dumps(ref_key, sort_keys=True)})
+        del ref_pipe
+        result["reference_result"]["accuracy"] = se.accuracy(prompts[:args.reference_pairs],
+                                                             [se.read_video(v) for v in ref_videos])
     if args.probe:
         print(f"caption probe on {args.probe} held-out clips ...", file=sys.stderr, flush=True)
         result["probe"] = se.caption_probe(pipe, args.probe)

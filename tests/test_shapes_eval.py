@@ -125,6 +125,33 @@ def test_evaluate_script_rejects_bad_arguments_before_loading_anything():
     assert bad.returncode == 2 and "2 weights for 1 LoRA" in bad.stderr
 
 
+def test_the_reference_cache_is_written_then_read_instead_of_rerun_and_refused_for_another_reference(tmp_path, capsys):
+    """--reference-cache keeps the reference videos (a DDIM 1000 reference is 22 min on this CPU): the second run
+    reads them and gives the same errors; a file made by another setting or model is refused, naming the field."""
+    import json
+
+    sys.path.insert(0, str(ROOT))
+    import evaluate
+
+    cache = tmp_path / "ref.safetensors"
+    base = ["--pairs", "2", "--settings", "ddim:2", "--reference", "ddim:3", "--reference-pairs", "2",
+            "--batch-size", "2", "--reference-cache", str(cache)]
+    assert evaluate.main(base + ["--out", str(tmp_path / "a.json")]) == 0
+    assert cache.exists() and "reference ddim:3 on 2 pairs ..." in capsys.readouterr().err
+    assert evaluate.main(base + ["--out", str(tmp_path / "b.json")]) == 0
+    assert "read from" in capsys.readouterr().err
+    a, b = (json.loads((tmp_path / f"{n}.json").read_text()) for n in "ab")
+    assert "seconds" in a["reference_result"] and b["reference_result"]["cache"] == str(cache)
+    assert a["reference_result"]["accuracy"] == b["reference_result"]["accuracy"]
+    assert a["settings"][0]["error_vs_reference"] == b["settings"][0]["error_vs_reference"]
+    assert a["settings"][0]["error_vs_reference"]["mean_abs"] > 0
+    assert evaluate.main([a if a != "ddim:3" else "ddim:4" for a in base]) == 2
+    err = capsys.readouterr().err
+    assert "holds another reference" in err and "setting: file 'ddim:3', this run 'ddim:4'" in err
+    assert evaluate.main(base + ["--guidance", "3"]) == 2
+    assert "guidance: file 2.0, this run 3.0" in capsys.readouterr().err
+
+
 def test_probe_captions_swap_exactly_one_word():
     c = "a red circle moving left"
     assert [se.probe_caption(c, v) for v in se.PROBE_VARIANTS] == [

@@ -90,9 +90,9 @@ def write_json(path: Path, obj: Any) -> None:
         tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
-def write_safetensors(path: Path, state: Mapping[str, torch.Tensor]) -> None:
+def write_safetensors(path: Path, state: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None) -> None:
     with atomic_path(path) as tmp:
-        save_file({k: v.contiguous() for k, v in state.items()}, str(tmp), metadata={"format": "pt"})
+        save_file({k: v.contiguous() for k, v in state.items()}, str(tmp), metadata={"format": "pt", **(metadata or {})})
 
 
 def write_pickle(path: Path, obj) -> None:
