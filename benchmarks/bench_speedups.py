@@ -17,6 +17,9 @@ evaluate.py with the same setting strings (docs/benchmarks.md).
 shapes-turbo): the UNet with its guidance embedding (zero here: a fused LoRA costs nothing at sampling time),
 one branch, the LCM sampler on a 20-point grid. Its frames are not the teacher's: its difference column is a
 distance, not an error.
+
+"compiled:SETTING" (e.g. compiled:ddim:50) times SETTING on a copy of our pipeline after `pipe.compile()`
+(torch.compile of the UNet and the autoencoder, inductor's defaults); its warm-up call is the compilation.
 """
 
 from __future__ import annotations
@@ -60,10 +63,13 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     students = {s: int(s.split(":", 1)[1]) for s in args.settings if s.startswith("student:")}
-    settings = [evaluate.parse_setting(s) for s in args.settings if s not in students]  # errors before any model loads
+    compiled = {s: evaluate.parse_setting(s.split(":", 1)[1]) for s in args.settings if s.startswith("compiled:")}
+    settings = [evaluate.parse_setting(s) for s in args.settings
+                if s not in students and s not in compiled]  # errors before any model loads
     folder = bp.build_checkpoint(args)
     ours, ref = bp.load("ours", folder), bp.load("diffusers", folder)
     released = dict(ours.scheduler.config)
+    fast = bp.load("ours", folder).compile() if compiled else None
     student = None
     if students:
         from modelscope_t2v.pipelines import T2VTurboMSPipeline
@@ -83,26 +89,35 @@ def main(argv=None) -> int:
         return student(bp.PROMPT, num_frames=args.frames, height=args.size, width=args.size, num_inference_steps=steps,
                        guidance_scale=2.0, generator=torch.Generator("cpu").manual_seed(0), output_type="np").frames
 
+    def pipe_and_setting(label):
+        if label in compiled:
+            return fast, compiled[label]
+        return ours, next(s for s in settings if s.label == label)
+
     def run(label):
         if label == "diffusers":
             return call(ref, 50)
         if label in students:
             return call_student(students[label])
-        s = next(s for s in settings if s.label == label)
-        ours.scheduler = schedulers.make_sampler(s.sampler, released, s.spacing)
-        with evaluate.speedups(ours, s):
-            return call(ours, s.steps)
+        pipe, s = pipe_and_setting(label)
+        pipe.scheduler = schedulers.make_sampler(s.sampler, released, s.spacing)
+        with evaluate.speedups(pipe, s):
+            return call(pipe, s.steps)
 
-    labels = ["diffusers"] + [s.label for s in settings] + list(students)
-    for label in labels:  # warm-up: allocator and oneDNN primitives for these shapes
+    labels = ["diffusers"] + [s.label for s in settings] + list(students) + list(compiled)
+    for label in labels:  # warm-up: allocator and oneDNN primitives for these shapes (and the compilation)
+        t0 = time.perf_counter()
         if label == "diffusers":
             call(ref, 1)
         elif label in students:
             call_student(1)
         else:
-            s = next(x for x in settings if x.label == label)
-            ours.scheduler = schedulers.make_sampler(s.sampler, released, s.spacing)
-            call(ours, 1)
+            pipe, s = pipe_and_setting(label)
+            pipe.scheduler = schedulers.make_sampler(s.sampler, released, s.spacing)
+            call(pipe, 1)
+        if label in compiled:
+            print(f"  {label}: compiled in {time.perf_counter() - t0:.0f} s (the warm-up call)", file=sys.stderr,
+                  flush=True)
     wall = {k: [] for k in labels}
     cpu = {k: [] for k in labels}
     frames = {}

@@ -44,7 +44,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from torch import Tensor, nn
 
-from ..models.unet import UNet3D, UNetConfig
+from ..models.unet import FrameConv, UNet3D, UNetConfig
 from .files import LayoutError, atomic_path, check_weights, read_json
 from .safe_pickle import CheckpointReadError, safe_torch_load
 from .tables import Rename, _to_rank
@@ -77,7 +77,7 @@ def read_student(folder) -> dict | None:
 
 
 METADATA_KEY = "lora_adapter_metadata"  # diffusers' safetensors metadata key (LoraConfig fields, JSON)
-ADAPTABLE = (nn.Linear, nn.Conv2d, nn.Conv3d)
+ADAPTABLE = (nn.Linear, nn.Conv2d, nn.Conv3d, FrameConv)  # exact types: not peft's wrappers
 
 
 class LoraFormatError(ValueError):
@@ -104,7 +104,8 @@ LoraWeights = dict[str, LoraEntry]
 
 
 def adaptable_modules(model: nn.Module) -> dict[str, nn.Module]:
-    """The modules a LoRA can adapt (exactly nn.Linear, Conv2d, Conv3d), by path, in registration order."""
+    """The modules a LoRA can adapt (exactly nn.Linear, Conv2d, Conv3d, the UNet's FrameConv), by path, in
+    registration order."""
     return {name: m for name, m in model.named_modules() if type(m) in ADAPTABLE}
 
 

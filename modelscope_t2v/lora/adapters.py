@@ -21,7 +21,7 @@ from typing import Iterator, Sequence
 import torch
 from torch import nn
 
-from ..formats.lora_layout import LoraEntry, LoraWeights, adaptable_modules
+from ..formats.lora_layout import ADAPTABLE, LoraEntry, LoraWeights, adaptable_modules
 from .targets import LoraSpec, target_modules
 
 
@@ -152,7 +152,7 @@ def _base_modules(model: nn.Module) -> dict[str, nn.Module]:
     for name, m in model.named_modules():
         if name in layers:
             out[name] = layers[name].get_base_layer()
-        elif type(m) in (nn.Linear, nn.Conv2d, nn.Conv3d) and not name.endswith(".base_layer") \
+        elif type(m) in ADAPTABLE and not name.endswith(".base_layer") \
                 and ".lora_" not in name:
             out[name] = m
     return out
