@@ -57,6 +57,9 @@ from modelscope_t2v.eval import shapes as se
 DEFAULT_SETTINGS = ["ddim:50", "dpm++2m:10", "dpm++2m:25"]
 
 
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
 class Setting(NamedTuple):
     """A sampler setting: SAMPLER:STEPS[:SPACING], and the speed-ups after '+' (deepcache=INTERVAL[/BRANCH],
     guidance_cache=INTERVAL) as (name, values) pairs."""
@@ -200,6 +203,9 @@ def build_parser() -> argparse.ArgumentParser:
     lv.add_argument("--frames", nargs="+", type=int, default=[48, 64], help="lengths for --long (default 48 64)")
     lv.add_argument("--pin-noise", nargs="+", type=float, default=[0.3], metavar="P",
                     help="pin_noise values for the pinned modes i2v, continue and loop (default 0.3)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32",
+                   help="the model's dtype for the settings (default float32), computed in it on a CPU too; the "
+                        "reference always runs in float32")
     p.add_argument("--batch-size", type=int, default=12)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
@@ -217,7 +223,7 @@ def run(args: argparse.Namespace) -> dict:
         if path is not None:
             jobs.check_writable(path)
     settings = [s for s in args.settings if s is not None]
-    if args.reference_pairs > args.pairs:
+    if args.reference != "none" and args.reference_pairs > args.pairs:
         raise ValueError(f"--reference-pairs ({args.reference_pairs}) must be <= --pairs ({args.pairs})")
     reference = None if args.reference == "none" or not settings else parse_setting(args.reference)
     if args.threads:
@@ -230,11 +236,16 @@ def run(args: argparse.Namespace) -> dict:
     for ref in args.lora:
         if not Path(ref).exists() and ref.count("/") != 1 and bundled_lora_path(ref) is None:
             raise ValueError(f"--lora {ref!r}: no such file or folder, not a bundled LoRA, and not a hub id (org/name)")
-    pipe = TextToVideoSDPipeline.from_pretrained(args.model)
-    pipe.set_progress_bar_config(disable=True)
-    if args.lora:
-        names = [pipe.load_lora_weights(ref, adapter_name=f"lora{i}") for i, ref in enumerate(args.lora)]
-        pipe.set_adapters(names, scales * len(names) if len(scales) == 1 else scales)
+    def load(dtype):
+        pipe = TextToVideoSDPipeline.from_pretrained(args.model, torch_dtype=DTYPES[dtype])
+        pipe.set_progress_bar_config(disable=True)
+        pipe.cpu_upcast = False  # --dtype is what computes, on a CPU too (the pipeline's default is float32 there)
+        if args.lora:
+            names = [pipe.load_lora_weights(ref, adapter_name=f"lora{i}") for i, ref in enumerate(args.lora)]
+            pipe.set_adapters(names, scales * len(names) if len(scales) == 1 else scales)
+        return pipe
+
+    pipe = load(args.dtype)
     released = dict(pipe.scheduler.config)
     directions = (se.STILL,) if args.prompts == "still" else se.DIRECTIONS
     pairs = se.prompt_seed_pairs(args.pairs, args.seed0, directions)
@@ -247,12 +258,12 @@ def run(args: argparse.Namespace) -> dict:
 
     guidance = pipe.resolve_guidance_scale(args.guidance)
     result = {"model": str(args.model), "lora": list(args.lora), "lora_scale": scales if args.lora else None,
-              "prompts": args.prompts, "pairs": args.pairs, "guidance": guidance,
+              "dtype": args.dtype, "prompts": args.prompts, "pairs": args.pairs, "guidance": guidance,
               "reference": args.reference, "reference_pairs": args.reference_pairs if reference else 0,
               "settings": []}
     ref_videos = None
     if reference is not None and args.reference_pairs:
-        ref_pipe, ref_lora = pipe, result["lora"]
+        ref_pipe, ref_lora = (pipe if args.dtype == "float32" else load("float32")), result["lora"]  # float32
         if args.reference_model is not None:  # another model's reference (a student's teacher): its own defaults
             ref_pipe, ref_lora = TextToVideoSDPipeline.from_pretrained(args.reference_model), []
             ref_pipe.set_progress_bar_config(disable=True)
@@ -505,8 +516,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     lora = f" + LoRA {', '.join(result['lora'])}" if result["lora"] else ""
+    dtype = "" if result["dtype"] == "float32" else f", {result['dtype']}"
     print(f"{result['model']}{lora}: {result['pairs']} prompt/seed pairs ({result['prompts']}), guidance "
-          f"{result['guidance']}")
+          f"{result['guidance']}{dtype}")
     if result["settings"]:
         print(table(result))
     if "probe" in result:

@@ -18,8 +18,11 @@ shapes-turbo): the UNet with its guidance embedding (zero here: a fused LoRA cos
 one branch, the LCM sampler on a 20-point grid. Its frames are not the teacher's: its difference column is a
 distance, not an error.
 
-"compiled:SETTING" (e.g. compiled:ddim:50) times SETTING on a copy of our pipeline after `pipe.compile()`
-(torch.compile of the UNet and the autoencoder, inductor's defaults); its warm-up call is the compilation.
+Prefixes run a setting on another copy of our pipeline: "compiled:SETTING" (e.g. compiled:ddim:50) after
+`pipe.compile()` (torch.compile of the UNet and the autoencoder, inductor's defaults; its warm-up call is the
+compilation), "bf16:SETTING" loaded with torch_dtype=torch.bfloat16 and computing in it (`pipe.cpu_upcast =
+False`; not the exact path: bf16 rounds every product), both as "bf16:compiled:SETTING". "diffusers-bf16" is diffusers' DDIM 50 in bf16, for comparison; the
+baseline stays diffusers' fp32.
 """
 
 from __future__ import annotations
@@ -63,13 +66,24 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     students = {s: int(s.split(":", 1)[1]) for s in args.settings if s.startswith("student:")}
-    compiled = {s: evaluate.parse_setting(s.split(":", 1)[1]) for s in args.settings if s.startswith("compiled:")}
-    settings = [evaluate.parse_setting(s) for s in args.settings
-                if s not in students and s not in compiled]  # errors before any model loads
+    variants = {}  # label -> ((bf16, compiled), Setting) for our pipelines; errors before any model loads
+    for label in args.settings:
+        if label in students or label == "diffusers-bf16":
+            continue
+        rest, bf16, comp = label, False, False
+        while rest.split(":", 1)[0] in ("bf16", "compiled"):
+            head, rest = rest.split(":", 1)
+            bf16, comp = bf16 or head == "bf16", comp or head == "compiled"
+        variants[label] = ((bf16, comp), evaluate.parse_setting(rest))
     folder = bp.build_checkpoint(args)
     ours, ref = bp.load("ours", folder), bp.load("diffusers", folder)
     released = dict(ours.scheduler.config)
-    fast = bp.load("ours", folder).compile() if compiled else None
+    pipes = {(False, False): ours}
+    for bf16, comp in {v for v, _ in variants.values()} - {(False, False)}:
+        pipe = bp.load("ours", folder, torch_dtype=torch.bfloat16 if bf16 else None)
+        pipe.cpu_upcast = False  # bf16 computes in bf16 (on a CPU the pipeline's default is float32)
+        pipes[bf16, comp] = pipe.compile() if comp else pipe
+    ref_bf16 = bp.load("diffusers", folder, torch_dtype=torch.bfloat16) if "diffusers-bf16" in args.settings else None
     student = None
     if students:
         from modelscope_t2v.pipelines import T2VTurboMSPipeline
@@ -90,13 +104,14 @@ def main(argv=None) -> int:
                        guidance_scale=2.0, generator=torch.Generator("cpu").manual_seed(0), output_type="np").frames
 
     def pipe_and_setting(label):
-        if label in compiled:
-            return fast, compiled[label]
-        return ours, next(s for s in settings if s.label == label)
+        kind, setting = variants[label]
+        return pipes[kind], setting
 
     def run(label):
         if label == "diffusers":
             return call(ref, 50)
+        if label == "diffusers-bf16":
+            return call(ref_bf16, 50)
         if label in students:
             return call_student(students[label])
         pipe, s = pipe_and_setting(label)
@@ -104,18 +119,18 @@ def main(argv=None) -> int:
         with evaluate.speedups(pipe, s):
             return call(pipe, s.steps)
 
-    labels = ["diffusers"] + [s.label for s in settings] + list(students) + list(compiled)
+    labels = ["diffusers"] + [s for s in args.settings if s != "diffusers"]
     for label in labels:  # warm-up: allocator and oneDNN primitives for these shapes (and the compilation)
         t0 = time.perf_counter()
-        if label == "diffusers":
-            call(ref, 1)
+        if label in ("diffusers", "diffusers-bf16"):
+            call(ref if label == "diffusers" else ref_bf16, 1)
         elif label in students:
             call_student(1)
         else:
             pipe, s = pipe_and_setting(label)
             pipe.scheduler = schedulers.make_sampler(s.sampler, released, s.spacing)
             call(pipe, 1)
-        if label in compiled:
+        if variants.get(label, ((False, False), None))[0][1]:
             print(f"  {label}: compiled in {time.perf_counter() - t0:.0f} s (the warm-up call)", file=sys.stderr,
                   flush=True)
     wall = {k: [] for k in labels}
@@ -135,8 +150,9 @@ def main(argv=None) -> int:
     rows = []
     for label in labels:
         w, c = statistics.median(wall[label]), statistics.median(cpu[label])
+        diff = np.abs(np.asarray(frames[label], np.float32) - frames["diffusers"])
         rows.append({"setting": label, "median_s": w, "median_cpu_s": c, "ratio": w / base_w, "cpu_ratio": c / base_c,
-                     "max_abs_frame_diff_vs_diffusers": float(np.abs(frames[label] - frames["diffusers"]).max())})
+                     "max_abs_frame_diff_vs_diffusers": float(diff.max())})
     print("| setting | time / diffusers DDIM 50 (wall) | (CPU) | max abs frame difference to diffusers |")
     print("|---|---:|---:|---:|")
     for row in rows:
