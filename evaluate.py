@@ -263,11 +263,12 @@ def run(args: argparse.Namespace) -> dict:
               "settings": []}
     ref_videos = None
     if reference is not None and args.reference_pairs:
-        ref_pipe, ref_lora = (pipe if args.dtype == "float32" else load("float32")), result["lora"]  # float32
         if args.reference_model is not None:  # another model's reference (a student's teacher): its own defaults
             ref_pipe, ref_lora = TextToVideoSDPipeline.from_pretrained(args.reference_model), []
             ref_pipe.set_progress_bar_config(disable=True)
             result["reference_model"] = str(args.reference_model)
+        else:  # the reference is always float32
+            ref_pipe, ref_lora = (pipe if args.dtype == "float32" else load("float32")), result["lora"]
         ref_guidance = ref_pipe.resolve_guidance_scale(args.guidance)
         ref_key = {"model": str(args.reference_model or args.model), "lora": ref_lora,
                    "lora_scale": result["lora_scale"] if ref_lora else None, "setting": reference.label,

@@ -21,8 +21,8 @@ distance, not an error.
 Prefixes run a setting on another copy of our pipeline: "compiled:SETTING" (e.g. compiled:ddim:50) after
 `pipe.compile()` (torch.compile of the UNet and the autoencoder, inductor's defaults; its warm-up call is the
 compilation), "bf16:SETTING" loaded with torch_dtype=torch.bfloat16 and computing in it (`pipe.cpu_upcast =
-False`; not the exact path: bf16 rounds every product), both as "bf16:compiled:SETTING". "diffusers-bf16" is diffusers' DDIM 50 in bf16, for comparison; the
-baseline stays diffusers' fp32.
+False`; not the exact path: bf16 rounds every product), both as "bf16:compiled:SETTING". "diffusers-bf16" is
+diffusers' DDIM 50 in bf16, for comparison; the baseline stays diffusers' fp32.
 """
 
 from __future__ import annotations
@@ -130,7 +130,7 @@ def main(argv=None) -> int:
             pipe, s = pipe_and_setting(label)
             pipe.scheduler = schedulers.make_sampler(s.sampler, released, s.spacing)
             call(pipe, 1)
-        if variants.get(label, ((False, False), None))[0][1]:
+        if label in variants and variants[label][0][1]:  # (bf16, compiled)
             print(f"  {label}: compiled in {time.perf_counter() - t0:.0f} s (the warm-up call)", file=sys.stderr,
                   flush=True)
     wall = {k: [] for k in labels}

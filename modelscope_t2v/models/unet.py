@@ -234,7 +234,6 @@ class TemporalConvBlock(nn.Module):
         return rearrange(residual + h, "b c f h w -> (b f) c h w")  # (b f) c h w
 
 
-
 class Attention(nn.Module):
     """Multi-head attention; keys and values come from `context` (cross) or from `x` (self)."""
 
