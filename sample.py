@@ -100,7 +100,9 @@ class SampleConfig:
     format: str = "mp4"  # of videos in out_dir: mp4 | gif
     overwrite: bool = False  # replace a video that is there from another request (never silently)
     batch_size: int = 4  # videos per pipeline call (several videos)
-    dtype: str = "fp32"  # fp32 | fp16 | bf16
+    # fp32 | fp16 | bf16. bf16 computes in bf16, on a CPU too (fast where the CPU has bf16 units: AVX512-BF16, AMX);
+    # fp16 weights on a CPU compute in fp32 (the CPU lacks fp16 kernels; docs/design.md)
+    dtype: str = "fp32"
     device: str = "auto"  # auto (cuda if available; under torchrun cuda:LOCAL_RANK) | cpu | cuda | cuda:N
     vae_slicing: bool = True  # decode one frame at a time: memory flat in the number of frames, same output
     progress: bool = True  # tqdm progress bar on stderr
@@ -490,6 +492,7 @@ def generate(cfg: SampleConfig | DictConfig | dict) -> Path:
         log.warning("dtype=fp16 on the CPU is slow and some kernels lack it; fp32 or bf16 are the CPU choices")
     if todo:
         pipe = load_pipeline(cfg.model, TextToVideoSDPipeline, dtype).to(device)
+        pipe.cpu_upcast = dtype != torch.bfloat16
         set_sampler(pipe, cfg.sampler, cfg.spacing)
         apply_loras(pipe, loras(cfg))
         _long_switches(cfg, pipe)
@@ -542,6 +545,7 @@ def _upscaler(cfg: SampleConfig, pipe, cls, dtype: torch.dtype, device: torch.de
         upscaler = cls.from_pipe(pipe)  # same weights (and sampler): no second copy
     else:
         upscaler = load_pipeline(up.model, cls, dtype).to(device)
+        upscaler.cpu_upcast = dtype != torch.bfloat16
         set_sampler(upscaler, cfg.sampler, cfg.spacing)
     upscaler.set_progress_bar_config(disable=not cfg.progress, file=sys.stderr)
     if cfg.vae_slicing:

@@ -176,6 +176,23 @@ def test_generate_is_reproducible_and_seeded(ckpt, tmp_path, monkeypatch):
     assert (got[0] == got[1]).all() and not (got[0] == got[2]).all()
 
 
+@pytest.mark.parametrize("dtype,computes", [("bf16", torch.bfloat16), ("fp16", torch.float32), ("fp32", torch.float32)])
+def test_generate_dtype_is_what_the_unet_computes_in_on_a_cpu(ckpt, tmp_path, monkeypatch, dtype, computes):
+    """dtype=bf16 computes in bf16 on a CPU (bf16 units make it faster there); fp16 weights compute in fp32."""
+    seen = []
+    load = sample.load_pipeline
+
+    def spy(*args):
+        pipe = load(*args)
+        pipe.unet.register_forward_pre_hook(lambda m, a: seen.append(next(m.parameters()).dtype))
+        return pipe
+
+    monkeypatch.setattr(sample, "load_pipeline", spy)
+    sample.generate(dict(prompt="x", model=str(ckpt), dtype=dtype, device="cpu", out=str(tmp_path / "v.mp4"), **TINY))
+    assert seen and set(seen) == {computes}
+    assert read_mp4(tmp_path / "v.mp4")[0] == TINY["num_frames"]
+
+
 # ---------------------------------------------------------------------------------------------------
 # Samplers: names -> the same schedulers diffusers builds with from_config
 
