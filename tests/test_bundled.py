@@ -117,7 +117,7 @@ def test_the_bundled_student_is_a_small_lora_that_loads_by_name_as_a_four_step_p
 
     folder = bundled.bundled_path("shapes-turbo")
     assert sorted(p.name for p in folder.iterdir()) == ["lora_run.json", "pytorch_lora_weights.safetensors"]
-    assert (folder / "pytorch_lora_weights.safetensors").stat().st_size <= 6_000_000
+    assert (folder / "pytorch_lora_weights.safetensors").stat().st_size <= 2_000_000
     for pipe in (TextToVideoSDPipeline.from_pretrained("shapes-turbo"), DiffusionPipeline.from_pretrained("shapes-turbo"),
                  T2VTurboMSPipeline.from_pretrained("shapes-turbo")):
         assert type(pipe) is T2VTurboMSPipeline and type(pipe.scheduler).__name__ == "LCMScheduler"
@@ -125,8 +125,8 @@ def test_the_bundled_student_is_a_small_lora_that_loads_by_name_as_a_four_step_p
         assert pipe.unet.dtype == torch.float32
 
 
-# measured on these 14 pairs: colour 14/14, shape 10/14, direction 13/14; the guard is a little below
-STUDENT_GUARD = {"color": 13 / 14, "shape": 8 / 14, "direction": 12 / 14}
+# measured on these 14 pairs: colour 14/14, shape 13/14, direction 14/14; the guard is a little below
+STUDENT_GUARD = {"color": 13 / 14, "shape": 11 / 14, "direction": 13 / 14}
 
 
 def test_the_bundled_student_obeys_its_prompts_in_four_steps():
