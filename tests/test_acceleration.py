@@ -200,6 +200,26 @@ def test_inference_feed_forward_in_place_and_self_chunked():
     assert float((chunked - inference).abs().max()) <= 1e-5  # 2.1e-6 when written: the GEMMs block rows differently
 
 
+@torch.no_grad()
+def test_shared_text_projected_once_per_video():
+    # one text per video (the usual call): the cross-attentions project it once and attend to it with the frames'
+    # queries as one sequence; the same text given per frame, (b, f, n, d), is projected once per frame as the
+    # references do. Same numbers up to GEMM round-off.
+    from modelscope_t2v.models.unet import Attention
+
+    torch.manual_seed(0)
+    unet = perturb_(UNet3D(TINY).eval())
+    x, ctx = torch.randn(2, 4, 5, 8, 8), torch.randn(2, 7, TINY.cross_attention_dim)
+    shared = unet(x, 500, ctx)
+    per_frame = unet(x, 500, ctx[:, None].expand(-1, 5, -1, -1))
+    assert float((shared - per_frame).abs().max()) <= 1e-5 * float(per_frame.abs().max())
+    attn = perturb_(Attention(16, 2, 8, context_dim=12))
+    q, text = torch.randn(6, 10, 16), torch.randn(2, 3, 12)
+    assert torch.allclose(attn(q, text), attn(q, text.repeat_interleave(3, dim=0)), atol=1e-6)
+    with pytest.raises(ValueError, match="does not divide"):
+        attn(q, torch.randn(4, 3, 12))
+
+
 def test_in_place_product_only_without_a_gradient_through_proj_in():
     # a frozen proj_in whose output still needs a gradient (a LoRA on it): the product stays out of place
     from torch import nn

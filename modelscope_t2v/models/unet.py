@@ -235,7 +235,11 @@ class TemporalConvBlock(nn.Module):
 
 
 class Attention(nn.Module):
-    """Multi-head attention; keys and values come from `context` (cross) or from `x` (self)."""
+    """Multi-head attention; keys and values come from `context` (cross) or from `x` (self).
+
+    A context may be shared by r consecutive sequences of x (the frames of one video attend to one text): given
+    as (n / r, m, c') it is projected once, not once per frame, and the r sequences' queries attend to it as one
+    longer sequence. Each query row's attention is the same either way; the keys and values cost 1/r."""
 
     def __init__(self, dim: int, heads: int, head_dim: int, context_dim: int | None = None):
         super().__init__()
@@ -247,12 +251,15 @@ class Attention(nn.Module):
         self.out_proj = nn.Linear(inner, dim)
 
     def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:
-        context = x if context is None else context  # n m c'
-        q = rearrange(self.q_proj(x), "n l (h d) -> n h l d", h=self.heads)  # n h l d
-        k = rearrange(self.k_proj(context), "n m (h d) -> n h m d", h=self.heads)  # n h m d
-        v = rearrange(self.v_proj(context), "n m (h d) -> n h m d", h=self.heads)  # n h m d
-        out = F.scaled_dot_product_attention(q, k, v)  # n h l d
-        return self.out_proj(rearrange(out, "n h l d -> n l (h d)"))  # n l c
+        context = x if context is None else context  # n m c', or (n/r) m c' shared by r sequences
+        n, r = x.shape[0], x.shape[0] // context.shape[0]
+        if r * context.shape[0] != n:
+            raise ValueError(f"Attention: a context batch of {context.shape[0]} does not divide x's batch of {n}")
+        q = rearrange(self.q_proj(x), "(n r) l (h d) -> n h (r l) d", r=r, h=self.heads)  # n/r h (r l) d
+        k = rearrange(self.k_proj(context), "n m (h d) -> n h m d", h=self.heads)  # n/r h m d
+        v = rearrange(self.v_proj(context), "n m (h d) -> n h m d", h=self.heads)  # n/r h m d
+        out = F.scaled_dot_product_attention(q, k, v)  # n/r h (r l) d
+        return self.out_proj(rearrange(out, "n h (r l) d -> (n r) l (h d)", r=r))  # n l c
 
 
 class GEGLUFeedForward(nn.Module):
@@ -268,7 +275,9 @@ class GEGLUFeedForward(nn.Module):
         value, gate = h.chunk(2, dim=-1)  # n l 4c, n l 4c
         if h.requires_grad:  # (a frozen weight can still carry a gradient: a LoRA on proj_in)
             return self.proj_out(value * F.gelu(gate))  # n l c
-        return self.proj_out(value.mul_(F.gelu(gate)))  # no gradient: the product in place, one buffer fewer
+        # no gradient: the product in place in GELU's buffer, one buffer fewer. Contiguous, like the product above, so
+        # proj_out's GEMM sees the same layout and rounds the same (on some CPUs a strided input rounds differently)
+        return self.proj_out(F.gelu(gate).mul_(value))
 
 
 FF_CHUNK_ELEMENTS = 1 << 22  # feed-forward chunking: at most ~4M intermediate values (16 MB fp32) per chunk
@@ -518,8 +527,8 @@ class UNet3D(Model):
         emb = repeat(emb, "b d -> (b f) d", f=f)  # (b f) 4c0
         if encoder_hidden_states.ndim == 4:  # a context per frame (prompt travel): b f n d
             context = rearrange(encoder_hidden_states, "b f n d -> (b f) n d")  # (b f) n ctx
-        else:
-            context = repeat(encoder_hidden_states, "b n d -> (b f) n d", f=f)  # (b f) n ctx
+        else:  # one text per video: the cross-attentions project it once, not once per frame (Attention)
+            context = encoder_hidden_states  # b n ctx
 
         x = self.conv_in(rearrange(sample, "b c f h w -> (b f) c h w"))  # (b f) c0 h w
         x = self._run(self.temporal_attention_in, x, f)  # (b f) c0 h w
