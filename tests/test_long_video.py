@@ -92,6 +92,34 @@ def test_windowed_temporal_block_equals_diffusers_freenoise_block():
     assert max_diff(a, b) <= 1e-5 and max_diff(a, whole) > 1e-3
 
 
+def test_windowed_block_runs_its_feed_forward_a_window_at_a_time(monkeypatch):
+    """FreeNoise's memory: without a gradient the feed-forward (the largest activation of a long video) sees at most
+    a window's frames at once; the output is the unchunked one's (with a gradient nothing is chunked)."""
+    import modelscope_t2v.models.unet as unet_module
+
+    monkeypatch.setattr(unet_module, "FF_CHUNK_ELEMENTS", 1000)  # windows are merged while under it: none here
+    block = perturb_(TransformerBlock(16, 2, 8, context_dim=None), 1).eval()
+    h = torch.randn(3, 40, 16, generator=torch.Generator().manual_seed(0))
+    windows = FrameWindows(16, 4, "pyramid")
+    seen = []
+    hook = block.ff.register_forward_hook(lambda m, args, out: seen.append(args[0].shape[1]))
+    try:
+        with torch.no_grad():
+            chunked = block(h, windows=windows)
+        assert seen == [16, 16, 8]
+        seen.clear()
+        with torch.enable_grad():
+            whole = block(h, windows=windows).detach()
+        assert seen == [40]
+        seen.clear()
+        with torch.no_grad():
+            short = block(h[:, :16], windows=windows)  # one window: the plain block, bit for bit
+            assert torch.equal(short, block(h[:, :16]))
+    finally:
+        hook.remove()
+    assert max_diff(chunked, whole) <= 1e-5 * float(whole.abs().max())
+
+
 def test_noise_rescheduling_equals_diffusers_shuffle_context():
     from diffusers.pipelines.free_noise_utils import AnimateDiffFreeNoiseMixin
 

@@ -307,22 +307,29 @@ class TransformerBlock(nn.Module):
     def forward(self, x: Tensor, context: Tensor | None = None, windows: FrameWindows | None = None) -> Tensor:
         if windows is None:
             x = self._attend(x, context)  # n l c
-        else:  # FreeNoise: the attentions over windows of the l frames, fused; the feed-forward on the whole
-            x = windows.fuse(lambda w, _: self._attend(w, context), x)  # n l c
-        return x + self._feed_forward(self.ff_norm(x))  # n l c
+            return x + self._feed_forward(self.ff_norm(x))  # n l c
+        # FreeNoise: the attentions over windows of the l frames, fused; the feed-forward on the whole, a window's
+        # worth of frames at a time (more while under FF_CHUNK_ELEMENTS; row-wise, so the same numbers): its
+        # intermediate, the largest activation of a long video, is then bounded by the window, not the length
+        x = windows.fuse(lambda w, _: self._attend(w, context), x)  # n l c
+        return x + self._feed_forward(self.ff_norm(x), frames_per_chunk=windows.context_length)  # n l c
 
     def _attend(self, x: Tensor, context: Tensor | None) -> Tensor:
         x = x + self.self_attn(self.self_attn_norm(x))  # n l c
         return x + self.cross_attn(self.cross_attn_norm(x), context)  # n l c
 
-    def _feed_forward(self, x: Tensor) -> Tensor:
+    def _feed_forward(self, x: Tensor, frames_per_chunk: int | None = None) -> Tensor:
         inner = self.ff.proj_in.out_features
-        if self.chunk_size is None:
-            if torch.is_grad_enabled() or x.numel() // x.shape[-1] * inner <= AUTO_CHUNK_ELEMENTS or x.shape[0] < 2:
-                return self.ff(x)  # n l c
-            chunk_size, chunk_dim = 1, 0  # large and no gradient: bounded automatically
+        if self.chunk_size is not None:
+            chunk_size, chunk_dim = self.chunk_size, self.chunk_dim  # enable_forward_chunking
+        elif torch.is_grad_enabled():
+            return self.ff(x)  # n l c
+        elif frames_per_chunk is not None and x.shape[1] > frames_per_chunk:
+            chunk_size, chunk_dim = frames_per_chunk, 1  # FreeNoise: bounded by the window
+        elif x.numel() // x.shape[-1] * inner > AUTO_CHUNK_ELEMENTS and x.shape[0] >= 2:
+            chunk_size, chunk_dim = 1, 0  # large: bounded automatically
         else:
-            chunk_size, chunk_dim = self.chunk_size, self.chunk_dim
+            return self.ff(x)  # n l c
         # Chunks of `chunk_size` along `chunk_dim`, merged while the 8c-wide intermediate of a chunk stays
         # under FF_CHUNK_ELEMENTS: the memory bound of chunking without a Python loop per token (diffusers'
         # chunk_size=1, dim=1 runs ~10^5 tiny matmuls per step). Row-wise, so the output is unchanged.
