@@ -120,6 +120,23 @@ def test_windowed_block_runs_its_feed_forward_a_window_at_a_time(monkeypatch):
     assert max_diff(chunked, whole) <= 1e-5 * float(whole.abs().max())
 
 
+@torch.no_grad()
+def test_windows_see_frame_positions_from_their_own_start():
+    """With a frame-position embedding, FreeNoise adds it to each window as positions 0 .. context_length - 1 (as
+    diffusers' FreeNoise block applies its positional embedding per window): the frames only the last window holds
+    come out as from a plain call on that window, not from positions past the trained length."""
+    from modelscope_t2v.models.unet import timestep_embedding
+
+    block = perturb_(TransformerBlock(16, 2, 8, context_dim=None), 2).eval()
+    h = torch.randn(3, 24, 16, generator=torch.Generator().manual_seed(0))
+    windows = FrameWindows(8, 4, "pyramid")  # the last window is frames 16-23; only it holds frames 20-23
+    position = timestep_embedding(torch.arange(24), 16)  # 24 c
+    out = block(h, windows=windows, window_position=position[:8])
+    assert max_diff(out[:, 20:], block(h[:, 16:] + position[:8])[:, 4:]) <= 1e-5
+    assert max_diff(out[:, :4], block(h[:, :8] + position[:8])[:, :4]) <= 1e-5  # the first window's own frames
+    assert max_diff(out[:, 20:], block(h[:, 16:] + position[16:])[:, 4:]) > 1e-3  # absolute positions differ
+
+
 def test_noise_rescheduling_equals_diffusers_shuffle_context():
     from diffusers.pipelines.free_noise_utils import AnimateDiffFreeNoiseMixin
 

@@ -304,14 +304,22 @@ class TransformerBlock(nn.Module):
         self.chunk_size: int | None = None  # feed-forward chunking (memory only), see UNet3D
         self.chunk_dim = 0
 
-    def forward(self, x: Tensor, context: Tensor | None = None, windows: FrameWindows | None = None) -> Tensor:
+    def forward(self, x: Tensor, context: Tensor | None = None, windows: FrameWindows | None = None,
+                window_position: Tensor | None = None) -> Tensor:
         if windows is None:
             x = self._attend(x, context)  # n l c
             return x + self._feed_forward(self.ff_norm(x))  # n l c
         # FreeNoise: the attentions over windows of the l frames, fused; the feed-forward on the whole, a window's
         # worth of frames at a time (more while under FF_CHUNK_ELEMENTS; row-wise, so the same numbers): its
-        # intermediate, the largest activation of a long video, is then bounded by the window, not the length
-        x = windows.fuse(lambda w, _: self._attend(w, context), x)  # n l c
+        # intermediate, the largest activation of a long video, is then bounded by the window, not the length.
+        # window_position (context_length c): a frame-position embedding added to every window's frames, so that
+        # each window sees the positions 0 .. context_length - 1 it was trained on, not positions past them.
+        def attend(w: Tensor, _) -> Tensor:
+            if window_position is not None:
+                w = w + window_position[: w.shape[1]]  # n w c
+            return self._attend(w, context)  # n w c
+
+        x = windows.fuse(attend, x)  # n l c
         return x + self._feed_forward(self.ff_norm(x), frames_per_chunk=windows.context_length)  # n l c
 
     def _attend(self, x: Tensor, context: Tensor | None) -> Tensor:
@@ -363,7 +371,7 @@ class SpatialTransformer(nn.Module):
 class TemporalTransformer(nn.Module):
     """Attention over the frames of each pixel: two self-attentions; no positional embedding (as both
     references) unless `position_embedding`: then a sinusoidal embedding of the frame index is added
-    after proj_in."""
+    after proj_in (under FreeNoise windows, the index within each window)."""
 
     def __init__(self, ch: int, heads: int, head_dim: int, groups: int, position_embedding: bool = False):
         super().__init__()
@@ -383,10 +391,15 @@ class TemporalTransformer(nn.Module):
         height, width = x.shape[-2:]
         h = self.norm(rearrange(x, "(b f) c h w -> b c f h w", f=num_frames))  # b c f h w
         h = self.proj_in(rearrange(h, "b c f h w -> (b h w) f c"))  # (b h w) f inner
-        if self.position_embedding:
+        windowed = self.windows is not None and num_frames > self.windows.context_length
+        window_position = None
+        if self.position_embedding and windowed:  # FreeNoise: positions within each window (as diffusers' block)
+            frames = torch.arange(self.windows.context_length, device=h.device)
+            window_position = timestep_embedding(frames, h.shape[-1]).to(h.dtype)  # window inner
+        elif self.position_embedding:
             frames = torch.arange(num_frames, device=h.device)
             h = h + timestep_embedding(frames, h.shape[-1]).to(h.dtype)  # + f inner
-        h = self.proj_out(self.block(h, windows=self.windows))  # (b h w) f c
+        h = self.proj_out(self.block(h, windows=self.windows, window_position=window_position))  # (b h w) f c
         h = rearrange(h, "(b h w) f c -> (b f) c h w", b=b, h=height, w=width)  # (b f) c h w
         return x + h  # (b f) c h w
 
