@@ -3,6 +3,7 @@ the project's machine has none; checked by reading and by a CPU dry run with tor
 
     python benchmarks/bench_pipeline_gpu.py                   # 16 x 256x256, 25 steps; 64 frames for memory
     python benchmarks/bench_pipeline_gpu.py --steps 50 --runs 5 --dtype bf16
+    python benchmarks/bench_pipeline_gpu.py --compile reduce-overhead   # + ours compiled, CUDA graphs
 
 The checkpoint has the exact released 1.7B shapes (UNet3D 1,411M: (320, 640, 1280, 1280), the SD KL
 autoencoder, the 23-layer 1024-wide OpenCLIP text tower) with random weights, written once with diffusers'
@@ -17,6 +18,9 @@ Measured, as ratios ours / diffusers, both pipelines loaded in this one process:
   torch.cuda.reset_peak_memory_stats() after loading, then max_memory_allocated() minus the
   memory_allocated() before the call (the weights of both pipelines are in the baseline). The caching
   allocator's reserved memory is reported too. --mem-runs alternating pairs, medians.
+- with --compile MODE, the time of a third pipeline too: ours after `pipe.compile(mode=MODE)` (torch.compile of the
+  UNet and the autoencoder; "reduce-overhead" replays CUDA graphs, which pays where kernel launches dominate: few
+  frames, small sizes). Its warm-up call is the compilation (printed); it is not in the memory runs.
 """
 
 from __future__ import annotations
@@ -48,6 +52,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--mem-runs", type=int, default=3)
     p.add_argument("--dtype", choices=sorted(DTYPES), default="fp16")
     p.add_argument("--device", default="cuda")
+    p.add_argument("--compile", choices=("default", "reduce-overhead", "max-autotune"), default=None,
+                   help="also time ours after pipe.compile(mode=COMPILE) ('reduce-overhead': CUDA graphs)")
     p.add_argument("--folder", default=None, help="checkpoint folder (built if missing; default: a temp-dir cache)")
     p.add_argument("--json", default=None, help="write the results here as JSON")
     a = p.parse_args(argv)
@@ -79,18 +85,29 @@ def main(argv=None) -> int:
     folder = build_checkpoint(args)
     pipes = {impl: load(impl, folder, torch_dtype=dtype, device=dev) for impl in ("ours", "diffusers")}
     order = lambda r: ("ours", "diffusers") if r % 2 == 0 else ("diffusers", "ours")  # noqa: E731
+    timed = dict(pipes)
+    if args.compile:
+        timed["ours-compiled"] = load("ours", folder, torch_dtype=dtype, device=dev).compile(mode=args.compile)
 
     # time
-    for pipe in pipes.values():
-        generate(pipe, args.frames, args.size, 1, dev)  # warm-up: cuDNN/cuBLAS heuristics, allocator
-    seconds, frames = {k: [] for k in pipes}, {}
+    for impl, pipe in timed.items():
+        _, s = generate(pipe, args.frames, args.size, 1, dev)  # warm-up: cuDNN/cuBLAS heuristics, allocator
+        if impl == "ours-compiled":
+            print(f"  ours-compiled: warm-up (compilation) {s:.0f} s", file=sys.stderr)
+    seconds, frames = {k: [] for k in timed}, {}
+    names = list(timed)
     for r in range(args.runs):
-        for impl in order(r):
-            frames[impl], s = generate(pipes[impl], args.frames, args.size, args.steps, dev)
+        for impl in names[r % len(names):] + names[:r % len(names)]:  # each goes first in turn
+            frames[impl], s = generate(timed[impl], args.frames, args.size, args.steps, dev)
             seconds[impl].append(s)
             print(f"  time run {r + 1}/{args.runs} {impl:9s} {s:7.3f} s", file=sys.stderr)
     med_t = {k: statistics.median(v) for k, v in seconds.items()}
     diff = float(np.abs(np.asarray(frames["ours"]) - np.asarray(frames["diffusers"])).max())
+    if args.compile:
+        del timed["ours-compiled"]  # (frees its GPU memory before the memory runs)
+        compiled = dict(mode=args.compile, median_s=med_t["ours-compiled"],
+                        ratio=med_t["ours-compiled"] / med_t["diffusers"],
+                        max_abs_frame_diff=float(np.abs(np.asarray(frames["ours-compiled"]) - frames["diffusers"]).max()))
 
     # memory (VAE slicing on in both from here on)
     pipes["ours"].enable_vae_slicing()
@@ -116,10 +133,15 @@ def main(argv=None) -> int:
         memory=dict(extra_mib=extra, peak_reserved_mib=reserved, median_extra_mib=med_m,
                     ratio=med_m["ours"] / med_m["diffusers"]),
     )
+    if args.compile:
+        results["time"]["compiled"] = compiled
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
     print(f"time   ours/diffusers = {results['time']['ratio']:.3f}  (median {med_t['ours']:.3f} s vs "
           f"{med_t['diffusers']:.3f} s; max |frame diff| {diff:.2e})")
+    if args.compile:
+        print(f"time   ours compiled ({args.compile})/diffusers = {compiled['ratio']:.3f}  (median "
+              f"{compiled['median_s']:.3f} s; max |frame diff| {compiled['max_abs_frame_diff']:.2e})")
     print(f"memory ours/diffusers = {results['memory']['ratio']:.3f}  (median extra peak allocated "
           f"{med_m['ours']:.0f} MiB vs {med_m['diffusers']:.0f} MiB)")
     return 0
