@@ -120,6 +120,28 @@ def test_windowed_block_runs_its_feed_forward_a_window_at_a_time(monkeypatch):
     assert max_diff(chunked, whole) <= 1e-5 * float(whole.abs().max())
 
 
+def test_windowed_temporal_layer_runs_its_pixels_in_groups(monkeypatch):
+    """FreeNoise's memory, inference: the temporal transformer's block sees the pixels' sequences a group at a time
+    (each sequence is independent in it); the output is the ungrouped one's (with a gradient nothing is grouped)."""
+    import modelscope_t2v.models.unet as unet_module
+
+    monkeypatch.setattr(unet_module, "FF_CHUNK_ELEMENTS", 24 * 16 * 5)  # groups of 5 of the 2 x 4 x 4 = 32 pixels
+    layer = perturb_(unet_module.TemporalTransformer(16, 2, 8, 4, position_embedding=True), 4).eval()
+    layer.windows = FrameWindows(8, 4, "pyramid")
+    x = torch.randn(2 * 24, 16, 4, 4, generator=torch.Generator().manual_seed(0))  # (b f) c h w
+    seen = []
+    hook = layer.block.register_forward_hook(lambda m, args, out: seen.append(args[0].shape[0]))
+    try:
+        with torch.no_grad():
+            grouped = layer(x, 24)
+        with torch.enable_grad():
+            whole = layer(x, 24).detach()
+    finally:
+        hook.remove()
+    assert seen == [5] * 6 + [2, 32]
+    assert max_diff(grouped, whole) <= 1e-5 * float(whole.abs().max())
+
+
 @torch.no_grad()
 def test_windows_see_frame_positions_from_their_own_start():
     """With a frame-position embedding, FreeNoise adds it to each window as positions 0 .. context_length - 1 (as

@@ -399,8 +399,16 @@ class TemporalTransformer(nn.Module):
         elif self.position_embedding:
             frames = torch.arange(num_frames, device=h.device)
             h = h + timestep_embedding(frames, h.shape[-1]).to(h.dtype)  # + f inner
-        h = self.proj_out(self.block(h, windows=self.windows, window_position=window_position))  # (b h w) f c
-        h = rearrange(h, "(b h w) f c -> (b f) c h w", b=b, h=height, w=width)  # (b f) c h w
+        if windowed and not torch.is_grad_enabled():
+            # FreeNoise, inference: the pixels' sequences in groups of about FF_CHUNK_ELEMENTS values (the block
+            # treats each sequence on its own, so the same numbers): its activations are bounded by the group, not
+            # by the length (diffusers' AnimateDiff calls this split inference)
+            group = max(1, FF_CHUNK_ELEMENTS // (num_frames * h.shape[-1]))
+            h = torch.cat([self.block(g, windows=self.windows, window_position=window_position)
+                           for g in h.split(group)])  # (b h w) f inner
+        else:
+            h = self.block(h, windows=self.windows, window_position=window_position)  # (b h w) f inner
+        h = rearrange(self.proj_out(h), "(b h w) f c -> (b f) c h w", b=b, h=height, w=width)  # (b f) c h w
         return x + h  # (b f) c h w
 
 
