@@ -205,13 +205,23 @@ def test_shared_text_projected_once_per_video():
     # one text per video (the usual call): the cross-attentions project it once and attend to it with the frames'
     # queries as one sequence; the same text given per frame, (b, f, n, d), is projected once per frame as the
     # references do. Same numbers up to GEMM round-off.
-    from modelscope_t2v.models.unet import Attention
+    from modelscope_t2v.models.unet import Attention, SpatialTransformer
 
     torch.manual_seed(0)
     unet = perturb_(UNet3D(TINY).eval())
     x, ctx = torch.randn(2, 4, 5, 8, 8), torch.randn(2, 7, TINY.cross_attention_dim)
-    shared = unet(x, 500, ctx)
-    per_frame = unet(x, 500, ctx[:, None].expand(-1, 5, -1, -1))
+    projected = []  # the batch each cross-attention's key projection sees
+    hooks = [m.block.cross_attn.k_proj.register_forward_hook(lambda m, args, out: projected.append(args[0].shape[0]))
+             for m in unet.modules() if isinstance(m, SpatialTransformer)]
+    try:
+        shared = unet(x, 500, ctx)
+        assert projected and set(projected) == {2}  # once per video
+        projected.clear()
+        per_frame = unet(x, 500, ctx[:, None].expand(-1, 5, -1, -1))
+        assert set(projected) == {2 * 5}  # once per frame
+    finally:
+        for h in hooks:
+            h.remove()
     assert float((shared - per_frame).abs().max()) <= 1e-5 * float(per_frame.abs().max())
     attn = perturb_(Attention(16, 2, 8, context_dim=12))
     q, text = torch.randn(6, 10, 16), torch.randn(2, 3, 12)

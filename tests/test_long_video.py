@@ -129,8 +129,13 @@ def test_windowed_temporal_layer_runs_its_pixels_in_groups(monkeypatch):
     layer = perturb_(unet_module.TemporalTransformer(16, 2, 8, 4, position_embedding=True), 4).eval()
     layer.windows = FrameWindows(8, 4, "pyramid")
     x = torch.randn(2 * 24, 16, 4, 4, generator=torch.Generator().manual_seed(0))  # (b f) c h w
-    seen = []
-    hook = layer.block.register_forward_hook(lambda m, args, out: seen.append(args[0].shape[0]))
+    seen, positions = [], []
+
+    def record(module, args, kwargs, out):
+        seen.append(args[0].shape[0])
+        positions.append(kwargs["window_position"])
+
+    hook = layer.block.register_forward_hook(record, with_kwargs=True)
     try:
         with torch.no_grad():
             grouped = layer(x, 24)
@@ -140,6 +145,9 @@ def test_windowed_temporal_layer_runs_its_pixels_in_groups(monkeypatch):
         hook.remove()
     assert seen == [5] * 6 + [2, 32]
     assert max_diff(grouped, whole) <= 1e-5 * float(whole.abs().max())
+    # the layer hands each window the positions 0 .. context_length - 1 (test_windows_see_frame_positions_...)
+    expected = unet_module.timestep_embedding(torch.arange(8), 16)
+    assert all(p is not None and torch.equal(p, expected) for p in positions)
 
 
 @torch.no_grad()

@@ -393,7 +393,7 @@ class TemporalTransformer(nn.Module):
         h = self.proj_in(rearrange(h, "b c f h w -> (b h w) f c"))  # (b h w) f inner
         windowed = self.windows is not None and num_frames > self.windows.context_length
         window_position = None
-        if self.position_embedding and windowed:  # FreeNoise: positions within each window (as diffusers' block)
+        if self.position_embedding and windowed:  # FreeNoise: positions within each window (diffusers' block too)
             frames = torch.arange(self.windows.context_length, device=h.device)
             window_position = timestep_embedding(frames, h.shape[-1]).to(h.dtype)  # window inner
         elif self.position_embedding:
