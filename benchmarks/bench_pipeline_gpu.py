@@ -73,6 +73,12 @@ def generate(pipe, frames: int, size: int, steps: int, device: str):
     return out, time.perf_counter() - t0
 
 
+def rotated(names: list[str], r: int) -> list[str]:
+    """Run r's order: each name goes first in turn (two names: alternating pairs)."""
+    k = r % len(names)
+    return names[k:] + names[:k]
+
+
 def main(argv=None) -> int:
     import numpy as np
 
@@ -84,7 +90,6 @@ def main(argv=None) -> int:
     dtype = DTYPES[args.dtype]
     folder = build_checkpoint(args)
     pipes = {impl: load(impl, folder, torch_dtype=dtype, device=dev) for impl in ("ours", "diffusers")}
-    order = lambda r: ("ours", "diffusers") if r % 2 == 0 else ("diffusers", "ours")  # noqa: E731
     timed = dict(pipes)
     if args.compile:
         timed["ours-compiled"] = load("ours", folder, torch_dtype=dtype, device=dev).compile(mode=args.compile)
@@ -97,9 +102,8 @@ def main(argv=None) -> int:
             _, s2 = generate(pipe, args.frames, args.size, 2, dev)
             print(f"  ours-compiled: warm-up (compilation) {s:.0f} s, recording {s2:.0f} s", file=sys.stderr)
     seconds, frames = {k: [] for k in timed}, {}
-    names = list(timed)
     for r in range(args.runs):
-        for impl in names[r % len(names):] + names[:r % len(names)]:  # each goes first in turn
+        for impl in rotated(list(timed), r):
             frames[impl], s = generate(timed[impl], args.frames, args.size, args.steps, dev)
             seconds[impl].append(s)
             print(f"  time run {r + 1}/{args.runs} {impl:9s} {s:7.3f} s", file=sys.stderr)
@@ -119,7 +123,7 @@ def main(argv=None) -> int:
     pipes["diffusers"].vae.enable_slicing()
     extra, reserved = {k: [] for k in pipes}, {k: [] for k in pipes}
     for r in range(args.mem_runs):
-        for impl in order(r):
+        for impl in rotated(list(pipes), r):
             gc.collect()
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(dev)

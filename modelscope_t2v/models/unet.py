@@ -393,12 +393,13 @@ class TemporalTransformer(nn.Module):
         h = self.proj_in(rearrange(h, "b c f h w -> (b h w) f c"))  # (b h w) f inner
         windowed = self.windows is not None and num_frames > self.windows.context_length
         window_position = None
-        if self.position_embedding and windowed:  # FreeNoise: positions within each window (diffusers' block too)
-            frames = torch.arange(self.windows.context_length, device=h.device)
-            window_position = timestep_embedding(frames, h.shape[-1]).to(h.dtype)  # window inner
-        elif self.position_embedding:
-            frames = torch.arange(num_frames, device=h.device)
-            h = h + timestep_embedding(frames, h.shape[-1]).to(h.dtype)  # + f inner
+        if self.position_embedding:  # under FreeNoise, positions within each window (diffusers' block too)
+            frames = torch.arange(self.windows.context_length if windowed else num_frames, device=h.device)
+            position = timestep_embedding(frames, h.shape[-1]).to(h.dtype)  # frames inner
+            if windowed:
+                window_position = position  # added to each window by the block
+            else:
+                h = h + position  # + f inner
         if windowed and not torch.is_grad_enabled():
             # FreeNoise, inference: the pixels' sequences in groups of about FF_CHUNK_ELEMENTS values (the block
             # treats each sequence on its own, so the same numbers): its activations are bounded by the group, not
