@@ -196,10 +196,11 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--no-progress", action="store_true", help="no progress bars")
     lv = p.add_argument_group("long videos, image-to-video, continuation, loops (docs/long_video.md)")
     lv.add_argument("--long", nargs="+", default=[], metavar="MODE",
-                    choices=("plain", "free-noise", "free-noise-random", "sliding", "i2v", "continue", "loop"),
+                    choices=("plain", "free-noise", "free-noise-random", "sliding", "i2v", "continue", "loop", "world"),
                     help="measure these modes with the first --settings (plain, free-noise, free-noise-random "
                          "(windowed attention, the plain noise), sliding and continue at each --frames; i2v and "
-                         "loop at 16 frames)")
+                         "loop at 16 frames); world: no model, the renderer's clips continued at their own speed "
+                         "(what the world itself scores) at each --frames")
     lv.add_argument("--frames", nargs="+", type=int, default=[48, 64], help="lengths for --long (default 48 64)")
     lv.add_argument("--pin-noise", nargs="+", type=float, default=[0.3], metavar="P",
                     help="pin_noise values for the pinned modes i2v, continue and loop (default 0.3)")
@@ -403,7 +404,8 @@ def run_long(args: argparse.Namespace) -> list[dict]:
     from modelscope_t2v.pipelines import TextToVideoSDPipeline
     from modelscope_t2v.video_io import export_to_video
 
-    if not args.settings or args.settings[0] is None:
+    generating = any(mode != "world" for mode in args.long)
+    if generating and (not args.settings or args.settings[0] is None):
         raise ValueError("--long needs a sampler setting: --settings SAMPLER:STEPS")
     if any(f < 16 for f in args.frames):
         raise ValueError(f"--frames: lengths of at least 16, got {args.frames}")
@@ -411,21 +413,24 @@ def run_long(args: argparse.Namespace) -> list[dict]:
         raise ValueError(f"--pin-noise: values in [0, 1], got {args.pin_noise}")
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.settings[0].extras:
+    if generating and args.settings[0].extras:
         raise ValueError(f"--long: {args.settings[0].label}: the speed-ups are not measured on long videos; "
                          "give a plain SAMPLER:STEPS")
-    sampler, steps, spacing = args.settings[0][:3]
-    pipe = TextToVideoSDPipeline.from_pretrained(args.model)
-    pipe.set_progress_bar_config(disable=True)
-    pipe.scheduler = schedulers.make_sampler(sampler, dict(pipe.scheduler.config), spacing)
-    guidance = pipe.resolve_guidance_scale(args.guidance)
+    sampler, steps, spacing, pipe, guidance = None, 0, None, None, None
+    if generating:
+        sampler, steps, spacing = args.settings[0][:3]
+        pipe = TextToVideoSDPipeline.from_pretrained(args.model)
+        pipe.set_progress_bar_config(disable=True)
+        pipe.scheduler = schedulers.make_sampler(sampler, dict(pipe.scheduler.config), spacing)
+        guidance = pipe.resolve_guidance_scale(args.guidance)
     pairs = se.prompt_seed_pairs(args.pairs, args.seed0)
     rows = []
     runs = [(mode, frames, pin) for mode in args.long for frames in (args.frames if mode not in ("i2v", "loop") else [16])
             for pin in (args.pin_noise if mode in ("i2v", "continue", "loop") else [None])]
     for mode, frames, pin in runs:
-        pipe.disable_free_noise()
-        pipe.disable_sliding_windows()
+        if pipe is not None:
+            pipe.disable_free_noise()
+            pipe.disable_sliding_windows()
         if mode == "free-noise":
             pipe.enable_free_noise()
         elif mode == "free-noise-random":
@@ -437,14 +442,16 @@ def run_long(args: argparse.Namespace) -> list[dict]:
         result, videos = lv.measure(pipe, pairs, "plain" if mode.startswith("free-noise") else mode, frames,
                                     steps_=steps, guidance=guidance, pin_noise=0.3 if pin is None else pin)
         result.mode = label
-        rows.append({"sampler": sampler, "steps": steps, **asdict(result)})
+        rows.append({"sampler": sampler if mode != "world" else None, "steps": steps if mode != "world" else 0,
+                     **asdict(result)})
         if args.videos is not None:
             for (p, s), v in zip(pairs, videos):
                 name = args.videos / f"{label.replace(', pin_noise ', '-pin')}-{frames}" / f"{s:03d}-{p.replace(' ', '-')}.mp4"
                 name.parent.mkdir(parents=True, exist_ok=True)
                 export_to_video(list(v), str(name), fps=8)
-    pipe.disable_free_noise()
-    pipe.disable_sliding_windows()
+    if pipe is not None:
+        pipe.disable_free_noise()
+        pipe.disable_sliding_windows()
     return rows
 
 

@@ -552,3 +552,43 @@ def test_long_video_measures_read_the_renderers_clips_as_prompted():
     gone[5] = 0  # a vanished object is an infinite jump
     assert lv.jump_ratio(gone) == float("inf")
     assert lv.psnr(videos[0][0], videos[0][0]) == float("inf") and 0 < lv.psnr(videos[0][0], videos[0][8]) < 30
+
+
+def test_the_worlds_own_long_video_loses_its_object(tmp_path):
+    """The shapes world's physics bound what a faithful long video can score (docs/long_video.md): its clips,
+    continued at their own speed, keep the object wholly inside for at most WORLD_FRAMES_INSIDE frames."""
+    import json
+
+    import evaluate
+    from modelscope_t2v.data.shapes import render_shape_clip
+    from modelscope_t2v.eval import long_video as lv
+    from modelscope_t2v.eval.shapes import prompt_seed_pairs
+
+    clip = render_shape_clip("red", "circle", "left", seed=3)
+    longer = render_shape_clip("red", "circle", "left", seed=3, num_frames=48, clip_frames=16)
+    assert torch.equal(longer[:, :16], clip) and longer.shape[1] == 48  # the clip, then its continuation
+    assert lv.WORLD_FRAMES_INSIDE == 33 and abs(lv.WORLD_STEP_MIN - 0.024) < 1e-12
+    pairs = prompt_seed_pairs(12)
+    for prompt, seed in pairs:
+        v = lv.world_video(prompt, seed, 64)
+        assert lv.inside(v).sum() <= lv.WORLD_FRAMES_INSIDE and not lv.inside(v)[-1]  # it has left
+        assert lv.speed(v) >= lv.WORLD_STEP_MIN  # no world clip is slower
+    r, _ = lv.measure(None, pairs, "world", 48, steps_=0, guidance=None)
+    assert r.jump_within_2x == 0 and r.extra["smooth_at_world_speed"] == 0 and r.window_shape < 0.8
+    assert r.extra["speed_over_world_min"] >= 1 and r.extra["frames_inside"] <= 33 / 48
+    r16, _ = lv.measure(None, pairs, "world", 16, steps_=0, guidance=None)
+    assert r16.window_shape == 1 and r16.extra["smooth_at_world_speed"] == 1
+    # a stopped object has speed 0; a slow one is measured as slow; one on the border is not inside
+    still = np.repeat(lv.world_video(*pairs[0], 16)[:1], 16, axis=0)
+    assert lv.speed(still) == pytest.approx(0, abs=1e-9)
+    clip16 = lv.world_video(*pairs[0], 16)
+    half = np.repeat(clip16, 2, axis=0)  # every frame twice: half the speed
+    assert lv.speed(half) == pytest.approx(lv.speed(clip16) / 2, rel=0.05)
+    edge = still.copy()
+    edge[:, :, 0] = 1.0  # a white column on the left border
+    assert not lv.inside(edge).any() and lv.inside(still).all()
+    # evaluate.py --long world needs no model and no sampler setting
+    assert evaluate.main(["--long", "world", "--frames", "16", "48", "--pairs", "4", "--settings", "none",
+                          "--out", str(tmp_path / "w.json")]) == 0
+    rows = json.loads((tmp_path / "w.json").read_text())["rows"]
+    assert [(r["mode"], r["num_frames"], r["sampler"]) for r in rows] == [("world", 16, None), ("world", 48, None)]

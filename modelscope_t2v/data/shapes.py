@@ -100,15 +100,21 @@ def _render_shape_uint8(
     width: int,
     rng: np.random.Generator,
     antialias: bool = True,
+    clip_frames: int | None = None,
 ) -> Tensor:
-    """c f h w uint8: draws extent, start and travel from rng, then renders."""
+    """c f h w uint8: draws extent, start and travel (over `clip_frames`, default num_frames) from rng, then
+    renders num_frames frames."""
     lo, hi = SHAPE_EXTENT
     extent = float(rng.uniform(lo, hi)) * min(height, width)
     half = extent / 2
     # the bounding-box centre stays inside [half, size - half] on both axes, over the whole clip
     cx0 = float(rng.uniform(half, width - half))
     cy0 = float(rng.uniform(half, height - half))
-    t = np.linspace(0.0, 1.0, num_frames, dtype=np.float64) if num_frames > 1 else np.zeros(1)
+    clip_frames = num_frames if clip_frames is None else clip_frames
+    if clip_frames == num_frames:
+        t = np.linspace(0.0, 1.0, num_frames, dtype=np.float64) if num_frames > 1 else np.zeros(1)
+    else:  # the clip's own speed, kept past its end (or stopped short of it)
+        t = np.arange(num_frames, dtype=np.float64) / max(clip_frames - 1, 1)
     cx = np.full(num_frames, cx0)
     cy = np.full(num_frames, cy0)
     if direction is not None and direction != STILL:
@@ -143,6 +149,7 @@ def render_shape_clip(
     rng: np.random.Generator | None = None,
     seed: int | None = None,
     antialias: bool = True,
+    clip_frames: int | None = None,
 ) -> Tensor:
     """One shapes clip, `c f h w` float in [-1, 1].
 
@@ -150,6 +157,10 @@ def render_shape_clip(
     at a random place and, if `direction` is given, moves that way at constant speed, travelling at
     least SHAPE_TRAVEL_MIN (> 1/3) of the frame over the clip while staying wholly inside it;
     direction None gives a static object. Geometry comes from `rng` (a numpy Generator) or `seed`.
+
+    `clip_frames` (default `num_frames`): draw the geometry, and so the speed, of a `clip_frames`-frame clip
+    and render `num_frames` frames of it. Longer is the world's own continuation of that clip past its end
+    (the object keeps its speed and leaves the frame); its first `clip_frames` frames are that clip.
     """
     _check_choice("color", color, COLORS)
     _check_choice("shape", shape, SHAPES)
@@ -157,7 +168,8 @@ def render_shape_clip(
         _check_choice("direction", direction, MOTIONS)
     height = size if height is None else height
     width = size if width is None else width
-    for name, v in (("num_frames", num_frames), ("height", height), ("width", width)):
+    clip_frames = num_frames if clip_frames is None else clip_frames
+    for name, v in (("num_frames", num_frames), ("clip_frames", clip_frames), ("height", height), ("width", width)):
         if int(v) < 1:
             raise ValueError(f"{name} must be >= 1, got {v}")
     if rng is not None and seed is not None:
@@ -165,7 +177,8 @@ def render_shape_clip(
     if rng is None:
         rng = np.random.default_rng(seed)
     clip = _render_shape_uint8(
-        color, shape, direction, num_frames=num_frames, height=height, width=width, rng=rng, antialias=antialias
+        color, shape, direction, num_frames=num_frames, height=height, width=width, rng=rng, antialias=antialias,
+        clip_frames=clip_frames,
     )
     return uint8_to_float(clip)
 

@@ -10,7 +10,14 @@
   object stay where the image put it), the PSNR of that frame against the image, and the direction;
 - loops: the mean absolute difference between the last and first frames over the median difference of
   consecutive frames (a closed loop is about 1); measured for every 16-frame clip, so plain sampling gives
-  the baseline.
+  the baseline;
+- the world's own answer (mode "world"): the renderer's clip for the pair, continued at its own speed past
+  its 16 frames (`render_shape_clip(clip_frames=16)`), measured as the videos are. Every training clip moves
+  its object one way at no less than WORLD_STEP_MIN of the frame per frame, so it stays wholly inside the
+  frame for at most WORLD_FRAMES_INSIDE frames: a long video that follows the world loses its object.
+  Beside each mode: the fraction of frames with the object wholly inside the frame, the object's speed over
+  WORLD_STEP_MIN (the median over the videos; below 1: slower than any training clip), and the videos that
+  are smooth (<= 2x) at a speed the world has.
 """
 
 from __future__ import annotations
@@ -22,10 +29,15 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from ..data.shapes import parse_shapes_caption, render_shape_clip
+from ..data.shapes import SHAPE_EXTENT, SHAPE_TRAVEL_MIN, parse_shapes_caption, render_shape_clip
 from . import shapes as se
 
 WINDOW = 16
+# The slowest motion of the world (frame fraction per frame): a clip crosses at least SHAPE_TRAVEL_MIN of the
+# frame over its WINDOW frames. An object at least SHAPE_EXTENT[0] wide moving that fast is wholly inside
+# the frame for at most WORLD_FRAMES_INSIDE frames (33 at 16-frame clips).
+WORLD_STEP_MIN = SHAPE_TRAVEL_MIN / (WINDOW - 1)
+WORLD_FRAMES_INSIDE = 1 + int((1 - SHAPE_EXTENT[0]) / WORLD_STEP_MIN)
 
 
 def centroids(video) -> np.ndarray:
@@ -39,6 +51,30 @@ def centroids(video) -> np.ndarray:
         if len(ys) >= se.MIN_PIXELS:
             out[i] = xs.mean() / w, ys.mean() / h
     return out
+
+
+def inside(video, margin: int = 1) -> np.ndarray:
+    """(f,) bool: the object is there and no pixel of it lies within `margin` pixels of the border."""
+    x = se._as_float_frames(video)
+    mask = x.max(axis=-1) > se.FOREGROUND_THRESHOLD
+    present = mask.sum(axis=(1, 2)) >= se.MIN_PIXELS
+    edge = np.zeros(mask.shape[1:], bool)
+    edge[:margin], edge[-margin:], edge[:, :margin], edge[:, -margin:] = True, True, True, True
+    return present & ~(mask & edge).any(axis=(1, 2))
+
+
+def speed(video) -> float:
+    """The object's speed (frame fractions per frame): the least-squares velocity of its centroid over the frames
+    where it is wholly inside the frame (over every frame it is in, if fewer than 3 are inside); NaN if it is in
+    fewer than 3. A fit, not a median step: 1-pixel rounding of single steps averages out."""
+    c, keep = centroids(video), inside(video)
+    if keep.sum() < 3:
+        keep = ~np.isnan(c[:, 0])
+    if keep.sum() < 3:
+        return float("nan")
+    t = np.flatnonzero(keep).astype(np.float64)
+    slopes = np.polyfit(t, c[keep], 1)[0]  # (2,): dx/df, dy/df
+    return float(np.linalg.norm(slopes))
 
 
 def steps(video) -> np.ndarray:
@@ -78,6 +114,14 @@ def loop_gap(video) -> float:
     return float(np.abs(x[-1] - x[0]).mean() / max(np.median(consecutive), 1e-6))
 
 
+def world_video(prompt: str, seed: int, num_frames: int, size: int = 64) -> np.ndarray:
+    """(f, h, w, 3) in [0, 1]: the renderer's 16-frame clip for `prompt` and `seed`, continued at its own
+    speed to `num_frames` frames (the world's own long video; its object leaves the frame)."""
+    color, shape, direction = parse_shapes_caption(prompt)
+    clip = render_shape_clip(color, shape, direction, seed=seed, size=size, num_frames=num_frames, clip_frames=WINDOW)
+    return ((clip.permute(1, 2, 3, 0).numpy() + 1) / 2).clip(0, 1)
+
+
 def rendered_first_frame(prompt: str, seed: int, size: int = 64) -> np.ndarray:
     """The first frame (h, w, 3 uint8) of the shapes renderer's clip for `prompt`: the start image."""
     color, shape, direction = parse_shapes_caption(prompt)
@@ -104,7 +148,8 @@ def measure(pipe, pairs: Sequence[tuple[str, int]], mode: str, num_frames: int, 
             overlap: int = 4, pin_noise: float = 0.3) -> tuple[LongResult, list[np.ndarray]]:
     """Generate one video per (prompt, seed) pair in `mode` and read them back (module docstring). Modes:
     plain | free-noise | sliding (num_frames long); i2v (16 frames from the renderer's first frame);
-    continue (clips of 16 continuing `overlap` frames, num_frames long in all); loop (16 frames, loop=True)."""
+    continue (clips of 16 continuing `overlap` frames, num_frames long in all); loop (16 frames, loop=True);
+    world (no model: the renderer's clip continued at its own speed, num_frames long; `pipe` is not used)."""
     videos, extra = [], {}
     t0 = time.perf_counter()
     kw = dict(num_inference_steps=steps_, guidance_scale=guidance, output_type="np")
@@ -112,7 +157,9 @@ def measure(pipe, pairs: Sequence[tuple[str, int]], mode: str, num_frames: int, 
     psnrs, recon, next_psnrs = [], [], []
     for prompt, seed in pairs:
         g = torch.Generator().manual_seed(seed)
-        if mode in ("plain", "free-noise", "sliding"):
+        if mode == "world":
+            v = world_video(prompt, seed, num_frames)
+        elif mode in ("plain", "free-noise", "sliding"):
             v = pipe(prompt, num_frames=num_frames, generator=g, **kw).frames[0]
         elif mode == "i2v":
             image = rendered_first_frame(prompt, seed)
@@ -127,7 +174,7 @@ def measure(pipe, pairs: Sequence[tuple[str, int]], mode: str, num_frames: int, 
         elif mode == "loop":
             v = pipe(prompt, loop=True, generator=g, **pinned, **kw).frames[0]
         else:
-            raise ValueError(f"mode {mode!r}: plain, free-noise, sliding, i2v, continue or loop")
+            raise ValueError(f"mode {mode!r}: plain, free-noise, sliding, i2v, continue, loop or world")
         videos.append(np.asarray(v))
     seconds = time.perf_counter() - t0
     r = LongResult(mode, len(videos[0]), len(videos), seconds)
@@ -142,7 +189,11 @@ def measure(pipe, pairs: Sequence[tuple[str, int]], mode: str, num_frames: int, 
         extra["joins_within_2x"] = float(np.mean([jump_ratio(v, joins) <= 2 for v in videos]))
     ratios = [jump_ratio(v) for v in videos]
     r.jump_max, r.jump_within_2x = float(np.max(ratios)), float(np.mean([x <= 2 for x in ratios]))
-    if mode in ("i2v", "loop", "continue") or num_frames <= WINDOW:
+    speeds = np.array([speed(v) / WORLD_STEP_MIN for v in videos])
+    extra["frames_inside"] = float(np.mean([inside(v).mean() for v in videos]))
+    extra["speed_over_world_min"] = float(np.nanmedian(speeds)) if np.isfinite(speeds).any() else float("nan")
+    extra["smooth_at_world_speed"] = float(np.mean([x <= 2 and s >= 1 for x, s in zip(ratios, speeds)]))
+    if mode in ("i2v", "loop", "continue", "world") or num_frames <= WINDOW:
         readings = [se.score(p, se.read_video(v[:WINDOW] if mode != "continue" else v)) for (p, _), v in zip(pairs, videos)]
         extra["direction"] = float(np.mean([s.get("direction", False) for s in readings]))
     if mode == "i2v":
