@@ -284,7 +284,7 @@ def _check_long(cfg: SampleConfig) -> None:
             except (OSError, UnidentifiedImageError) as e:
                 raise ValueError(f"{name}: {path!r} is not an image file ({type(e).__name__})") from None
     if cfg.loop and cfg.last_image is not None:
-        raise ValueError("loop=true ties the last frame to the first: it cannot also take last_image")
+        raise ValueError("loop=true leads the last frame back to the first: it cannot also take last_image")
     _finite("image_strength", cfg.image_strength, low=0.0, high=1.0)
     _finite("pin_noise", cfg.pin_noise, low=0.0, high=1.0)
     _positive_int("clips", cfg.clips)

@@ -378,28 +378,45 @@ def pipe_timesteps(cls, base, spacing):
     return s.timesteps.tolist()
 
 
-def test_loop_ties_an_extra_last_frame_to_the_first(pipe):
-    seen = []
+def test_loop_wraps_the_temporal_convs_around(pipe):
+    """loop=True: the temporal convs pad by wrapping around for the call, so a UNet without a frame-position embedding
+    is equivariant to rolling the frames, and so is a looped sampling: the video has no first or last frame."""
+    from modelscope_t2v import lora
+    from modelscope_t2v.lora.targets import LoraSpec
+    from modelscope_t2v.models.unet import FrameConv
 
-    def watch(p, i, t, kw):
-        seen.append(kw["latents"].clone())
-        return {}
+    _, unet = _diffusers_pair(TINY)  # perturbed: its temporal convs are not the identity
+    x, t, ctx = _inputs(TINY, frames=6, size=(16, 16))
+    roll = lambda v, k=2: torch.roll(v, k, dims=2)  # noqa: E731
+    with torch.no_grad():
+        assert max_diff(unet(roll(x), t, ctx), roll(unet(x, t, ctx))) > 1e-3  # zero padding: frames have an order
+        with unet.circular_frames():
+            assert max_diff(unet(roll(x), t, ctx), roll(unet(x, t, ctx))) <= 1e-5
+        assert not any(m.circular for m in unet.modules() if isinstance(m, FrameConv))  # put back after the block
+        # an unfused LoRA on the temporal convs wraps around too (its down-projection is a Conv3d of its own)
+        lora.add_adapter(unet, "t", LoraSpec(rank=2, target="temporal_conv"))
+        for name, p_ in lora.adapter_parameters(unet, "t").items():
+            p_.copy_(torch.randn_like(p_) * 0.3)
+        with unet.circular_frames():
+            assert max_diff(unet(roll(x), t, ctx), roll(unet(x, t, ctx))) <= 1e-5
+        assert all(m.padding_mode == "zeros" for m in unet.modules() if isinstance(m, torch.nn.Conv3d))
 
-    v = _run(pipe, loop=True, callback_on_step_end=watch)
-    assert v.shape[1] == 8 and len(seen) == 3
-    assert all(s.shape[2] == 9 and torch.equal(s[:, :, -1], s[:, :, 0]) for s in seen)
-    # the extra frame is dropped: the video is the first 8 of the 9 latent frames, decoded
-    last = pipe("a red circle", generator=torch.Generator().manual_seed(0), num_frames=8, num_inference_steps=3,
-                loop=True, output_type="latent").frames
-    assert last.shape[2] == 8 and torch.allclose(last, seen[-1][:, :, :8], atol=1e-6)
-    # given latents have the video's 8 frames (the extra one is a copy of frame 0); travel keys index those 8
-    start = randn(pipe._latent_shape(1, None, None, 8), torch.Generator().manual_seed(5), "cpu", torch.float32)
-    assert _run(pipe, loop=True, latents=start).shape[1] == 8
+    looped = TextToVideoSDPipeline.from_preset("tiny", seed=0)
+    perturb_(looped.unet, 1)
+    looped.set_progress_bar_config(disable=True)
+    start = randn(looped._latent_shape(1, None, None, 8), torch.Generator().manual_seed(5), "cpu", torch.float32)
+
+    def sample(latents, **kw):
+        return looped("a red circle", latents=latents, num_frames=8, num_inference_steps=3, output_type="latent",
+                      **kw).frames
+
+    assert max_diff(sample(roll(start, 3), loop=True), roll(sample(start, loop=True), 3)) <= 1e-4
+    assert max_diff(sample(roll(start, 3)), roll(sample(start), 3)) > 1e-2  # without the loop the ends are ends
+    assert not any(m.circular for m in looped.unet.modules() if isinstance(m, FrameConv))
+    # prompt travel keys index the video's frames; the video keeps its length
     with pytest.raises(ValueError, match="integer frame indices in \\[0, 8\\)"):
         _run(pipe, loop=True, prompt={0: "a red circle", 8: "a blue square"})
-    travel = pipe._travel_embeddings({0: "a red circle", 4: "a blue square"}, 8, False, None, 1, None, loop=True)
-    assert travel.shape[1] == 9 and torch.equal(travel[:, 8], travel[:, 0])
-
+    assert _run(pipe, loop=True, prompt={0: "a red circle", 4: "a blue square"}).shape[1] == 8
 
 def test_generate_continued_chains_clips(pipe):
     long = pipe.generate_continued("a red circle", num_clips=3, num_init_frames=2, num_frames=6,
@@ -479,6 +496,19 @@ def test_bad_long_video_settings_are_refused(pipe):
         pipe.disable_free_noise()
     with pytest.raises(ValueError, match="integer frame indices in \\[0, 8\\)"):
         _run(pipe, prompt={9: "a red circle"})
+    for enable in (pipe.enable_free_noise, pipe.enable_sliding_windows):  # windows do not wrap around
+        enable(context_length=4, context_stride=2)
+        try:
+            with pytest.raises(ValueError, match="loop=True: the FreeNoise / sliding windows do not wrap around"):
+                _run(pipe, loop=True, callback_on_step_end=_no_step)
+        finally:
+            pipe.disable_free_noise()
+            pipe.disable_sliding_windows()
+    assert _run(pipe, loop=True, num_frames=4).shape[1] == 4  # windows off: a loop of any length
+
+
+def _no_step(*args):
+    raise AssertionError("a refused call ran a step")
 
 
 def test_sample_py_image_to_video_loops_and_chained_clips(tmp_path):

@@ -205,6 +205,7 @@ def measure(pipe, pairs: Sequence[tuple[str, int]], mode: str, num_frames: int, 
     if len(videos[0]) == WINDOW:
         gaps = [loop_gap(v) for v in videos]
         extra["loop_gap_median"], extra["loop_gap_max"] = float(np.median(gaps)), float(np.max(gaps))
+        extra["loop_gap_within_2x"] = float(np.mean([g <= 2 for g in gaps]))
     r.extra = extra
     return r, videos
 

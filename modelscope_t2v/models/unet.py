@@ -200,12 +200,21 @@ class ResBlock(nn.Module):
 class FrameConv(nn.Conv3d):
     """The (3, 1, 1) Conv3d over frames, run as the Conv2d (3, 1) over b c f (h w) with the same weights: the same
     sums to fp32 round-off, about 3x faster on CPUs, where such a Conv3d has no oneDNN kernel (docs/benchmarks.md).
-    Still an nn.Conv3d: its weights, hooks and peft's LoRA wrapping are a Conv3d's."""
+    Still an nn.Conv3d: its weights, hooks and peft's LoRA wrapping are a Conv3d's.
+
+    `circular` (UNet3DConditionModel.circular_frames): pad the frames by wrapping around, not with zeros, so the
+    last frame is the first one's neighbour (loops)."""
+
+    circular = False
 
     def forward(self, x: Tensor) -> Tensor:
         b, _, f, h, w = x.shape  # b c f h w
-        out = F.conv2d(x.reshape(b, -1, f, h * w), self.weight.squeeze(-1), self.bias,
-                       padding=(self.padding[0], 0))  # b o f (h w)
+        x = x.reshape(b, -1, f, h * w)  # b c f (h w)
+        pad = self.padding[0]
+        if self.circular and pad:
+            x = torch.cat([x[:, :, f - pad:], x, x[:, :, :pad]], dim=2)  # b c (f + 2 pad) (h w)
+            pad = 0
+        out = F.conv2d(x, self.weight.squeeze(-1), self.bias, padding=(pad, 0))  # b o f (h w)
         return out.view(b, -1, f, h, w)  # b o f h w
 
 
@@ -710,6 +719,28 @@ class UNet3D(Model):
         finally:
             for m, w in zip(layers, before):
                 m.windows = w
+
+    @contextmanager
+    def circular_frames(self, on: bool = True):
+        """For the duration of a block, the temporal convs pad the frames by wrapping around (FrameConv.circular):
+        the last frame is the first one's neighbour. Temporal attention has no order and GroupNorm's statistics
+        none either, so without a frame-position embedding (the released checkpoints) the UNet is then
+        equivariant to rolling the frames: a video sampled so is a loop, with no first or last frame."""
+        convs = [m for m in self.modules() if isinstance(m, FrameConv)]
+        # every other Conv3d here is a LoRA's down-projection beside a temporal conv (peft copies its padding)
+        others = [m for m in self.modules() if isinstance(m, nn.Conv3d) and not isinstance(m, FrameConv) and any(m.padding)]
+        before = [m.circular for m in convs], [m.padding_mode for m in others]
+        for m in convs:
+            m.circular = bool(on)
+        for m in others:
+            m.padding_mode = "circular" if on else "zeros"
+        try:
+            yield self
+        finally:
+            for m, c in zip(convs, before[0]):
+                m.circular = c
+            for m, mode in zip(others, before[1]):
+                m.padding_mode = mode
 
     def set_temporal(self, attention: bool = True, conv: bool = True) -> None:
         """Switch the temporal attention layers (incl. the one after conv_in) and/or the temporal

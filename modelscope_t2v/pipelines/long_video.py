@@ -8,8 +8,12 @@ chained into long videos by `generate_continued`.
 Pinning (the A1111 text2video extension's inpainting of latents): the pinned frames' latents are the given
 frames' autoencoder means, noised to the current timestep with fixed noise and blended in with `image_strength`
 after every step (and before the first), so the rest of the clip is denoised around them; after the last step
-they are the means themselves. A loop samples one frame more, tied to the first after every step, and drops
-it: the last frame then leads back to the first.
+they are the means themselves.
+
+Loops: the temporal convs pad the frames by wrapping around for the call (`unet.circular_frames`), so the model
+sees the last frame as the first one's neighbour at every layer; without a frame-position embedding (the
+released checkpoints) the UNet is then equivariant to rolling the frames, and the video has no first or last
+frame.
 """
 
 from __future__ import annotations
@@ -47,11 +51,10 @@ class FreeInit:
 
 @dataclass
 class Pins:
-    """Latent frames held to given pixels: {frame index: pixels 1 c H W in [-1, 1]}, and the loop switch."""
+    """Latent frames held to given pixels: {frame index: pixels 1 c H W in [-1, 1]}."""
 
     frames: dict[int, torch.Tensor]
     strength: float = 1.0
-    loop: bool = False  # one extra frame, tied to frame 0 after every step, dropped at the end
     noise: float = PIN_NOISE  # pinned frames are noised to noise x the current timestep
 
 
@@ -182,10 +185,9 @@ class LongVideoMethods:
         return shuffled_context_noise(latents, windows, g)
 
     def _travel_embeddings(self, prompts: dict[int, str], num_frames: int, guided: bool, negative_prompt,
-                           num_videos_per_prompt: int, clip_skip, loop: bool = False) -> torch.Tensor:
+                           num_videos_per_prompt: int, clip_skip) -> torch.Tensor:
         """Prompt travel: {first frame: prompt} -> a context per frame (b, f, n, d), each frame between two
-        keyframes interpolated by the callback; unconditional branch first when guided. A loop's extra frame
-        (after the `num_frames` of the video) takes frame 0's context, as it is frame 0."""
+        keyframes interpolated by the callback; unconditional branch first when guided."""
         if not prompts or not all(isinstance(k, int) and not isinstance(k, bool) and 0 <= k < num_frames for k in prompts):
             raise ValueError(f"prompt: a dict of prompts needs integer frame indices in [0, {num_frames}), got {sorted(prompts)}")
         if not all(isinstance(v, str) for v in prompts.values()):
@@ -202,8 +204,6 @@ class LongVideoMethods:
         for i in range(len(keys) - 1):
             start, end = bounds[i], bounds[i + 1]
             per_frame[start:end + 1] = callback(start, end, pos[i:i + 1], pos[i + 1:i + 2])
-        if loop:
-            per_frame = torch.cat([per_frame, per_frame[:1]])  # (f + 1) n d
         context = repeat(per_frame, "f n d -> b f n d", b=num_videos_per_prompt)
         if guided:
             context = torch.cat([repeat(neg[0], "n d -> b f n d", b=num_videos_per_prompt, f=per_frame.shape[0]), context])
@@ -222,7 +222,12 @@ class LongVideoMethods:
         if loop not in (True, False):
             raise TypeError(f"loop must be True or False, got {loop!r}")
         if loop and last_image is not None:
-            raise ValueError("loop=True ties the last frame to the first: it cannot also take a last_image")
+            raise ValueError("loop=True leads the last frame back to the first: it cannot also take a last_image")
+        if loop and (self._sliding_windows is not None or self._free_noise is not None):
+            windows = (self._sliding_windows or self._free_noise[0])
+            if num_frames > windows.context_length:
+                raise ValueError("loop=True: the FreeNoise / sliding windows do not wrap around from the last frame "
+                                 "to the first; disable them (disable_free_noise / disable_sliding_windows) for a loop")
         if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0 <= strength <= 1:
             raise ValueError(f"image_strength must be in [0, 1], got {strength!r}")
         if isinstance(pin_noise, bool) or not isinstance(pin_noise, (int, float)) or not 0 <= pin_noise <= 1:
@@ -253,11 +258,11 @@ class LongVideoMethods:
         for x in frames.values():
             if tuple(x.shape[-2:]) != (height, width) or height % factor or width % factor:
                 raise ValueError(f"pinned frames are {tuple(x.shape[-2:])}; the video is {height}x{width}")
-        return Pins(frames, float(strength), bool(loop), float(pin_noise)) if frames or loop else None
+        return Pins(frames, float(strength), float(pin_noise)) if frames else None
 
     def _pin_hook(self, pins: Pins, latents: torch.Tensor, timesteps: torch.Tensor):
         """(the starting latents with the pins applied, the after-step hook) for `latents` b c f h w."""
-        last = latents.shape[2] - (2 if pins.loop else 1)  # the clip's last frame (a loop's extra one after it)
+        last = latents.shape[2] - 1
         index = {(last if j == -1 else j): x for j, x in pins.frames.items()}
         means = {}
         if index:
@@ -285,8 +290,6 @@ class LongVideoMethods:
                 if t_pin is not None:
                     target = add_noise(target, noise[j], abar, t_pin)
                 x[:, :, j] = target if s == 1 else s * target + (1 - s) * x[:, :, j]
-            if pins.loop:
-                x[:, :, -1] = x[:, :, 0]
             return x
 
         def after_step(i: int, x: torch.Tensor) -> torch.Tensor:
@@ -305,8 +308,14 @@ class LongVideoMethods:
         return mix_frequencies(diffused, fresh, lowpass).to(latents.dtype)
 
     def _sample_text_to_video(self, latents, context, guidance_scale, num_inference_steps: int, pins: Pins | None,
+                              denoise: dict, loop: bool = False) -> torch.Tensor:
+        """The denoising of a text-to-video call: FreeInit's iterations (one without it), each with the pins; a
+        loop with the UNet's temporal convs wrapping around."""
+        with self.unet.circular_frames() if loop else nullcontext():
+            return self._free_init_iterations(latents, context, guidance_scale, num_inference_steps, pins, denoise)
+
+    def _free_init_iterations(self, latents, context, guidance_scale, num_inference_steps: int, pins: Pins | None,
                               denoise: dict) -> torch.Tensor:
-        """The denoising of a text-to-video call: FreeInit's iterations (one without it), each with the pins."""
         iterations = self._free_init.num_iters if self._free_init is not None else 1
         first_noise = latents
         for it in range(iterations):
@@ -321,7 +330,7 @@ class LongVideoMethods:
                 latents, hook = self._pin_hook(pins, latents, timesteps)
             if len(timesteps):
                 latents = self._denoise(latents, timesteps, context, guidance_scale, after_step=hook, **denoise)
-        return latents[:, :, :-1] if pins is not None and pins.loop else latents
+        return latents
 
     def free_init_steps(self, num_inference_steps: int, iteration: int) -> int:
         fi = self._free_init

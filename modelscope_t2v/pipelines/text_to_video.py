@@ -407,17 +407,12 @@ class TextToVideoSDPipeline(ComponentMethods, LoraMethods, LongVideoMethods, Acc
                               shape[3] * factor, shape[4] * factor, shape[2], pin_noise)
             if latents is not None and tuple(latents.shape) != shape:
                 raise ValueError(f"latents must have shape {shape}, got {tuple(latents.shape)}")
-            looped = pins is not None and pins.loop
-            if looped:  # one frame more, tied to the first (given latents: a copy of frame 0), dropped at the end
-                shape = (*shape[:2], shape[2] + 1, *shape[3:])
-                if latents is not None:
-                    latents = torch.cat([latents, latents[:, :, :1]], dim=2)
             self._check_long_video(shape[2])
 
         with self.call_precision():  # half weights on a CPU: float32 for this call
             if travel:
-                context = self._travel_embeddings(prompt, shape[2] - looped, self._two_branches(guidance_scale),
-                                                  negative_prompt, num_videos_per_prompt, clip_skip, loop=looped)
+                context = self._travel_embeddings(prompt, shape[2], self._two_branches(guidance_scale),
+                                                  negative_prompt, num_videos_per_prompt, clip_skip)
             else:
                 context = self._text_conditioning(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds,
                                                   guidance_scale, num_videos_per_prompt, clip_skip)
@@ -443,7 +438,8 @@ class TextToVideoSDPipeline(ComponentMethods, LoraMethods, LongVideoMethods, Acc
                 if len(timesteps):
                     latents = self._denoise(latents, timesteps, context, guidance_scale, **denoise)
             else:
-                latents = self._sample_text_to_video(latents, context, guidance_scale, num_inference_steps, pins, denoise)
+                latents = self._sample_text_to_video(latents, context, guidance_scale, num_inference_steps, pins, denoise,
+                                                     loop=bool(loop))
             return self._finish(latents, output_type, return_dict, decode_chunk_size)
 
     _generate = __call__  # the one body; VideoToVideoSDPipeline.__call__ reaches it in diffusers' argument order
