@@ -504,7 +504,9 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         print(long_table(rows))
         if args.out is not None:
-            write_json(args.out, {"pairs": args.pairs, "settings": str(args.settings[0]), "rows": rows})
+            generated = any(mode != "world" for mode in args.long)
+            write_json(args.out, {"pairs": args.pairs, "settings": str(args.settings[0]) if generated else None,
+                                  "rows": rows})
         return 0
     if uses_harness(args):
         try:

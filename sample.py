@@ -304,6 +304,9 @@ def _check_long(cfg: SampleConfig) -> None:
         raise ValueError(f"free_noise / sliding_windows work in windows of 16 frames; num_frames={cfg.num_frames} is shorter")
     if cfg.free_noise and cfg.sliding_windows:
         raise ValueError("free_noise and sliding_windows: choose one way of windowing a long video")
+    if cfg.loop and (cfg.free_noise or cfg.sliding_windows) and (cfg.num_frames or 16) > 16:
+        raise ValueError("loop=true with free_noise / sliding_windows: their 16-frame windows do not wrap around "
+                         "from the last frame to the first; loop without them")
     if cfg.deepcache is not None:
         _positive_int("deepcache", cfg.deepcache)
         if isinstance(cfg.deepcache_branch, bool) or not isinstance(cfg.deepcache_branch, int) or cfg.deepcache_branch < 0:
@@ -599,11 +602,12 @@ def _upscale_pass(cfg: SampleConfig, upscaler, videos: list[jobs.Video], generat
              up.width, up.height, up.model, up.strength, int(steps * up.strength), steps, up_guidance)
     resized = [resize_frames(f, up.width, up.height) for f in frames]
     prompts, negatives = _prompts(videos)
-    out = upscaler(
-        prompts, video=resized[0] if len(resized) == 1 else np.stack(resized), strength=up.strength,
-        num_inference_steps=steps, guidance_scale=up_guidance, negative_prompt=negatives, eta=cfg.eta,
-        generator=generators, output_type="np",
-    ).frames
+    with upscaler.unet.circular_frames(cfg.loop):  # a loop stays one: the last frame the first one's neighbour
+        out = upscaler(
+            prompts, video=resized[0] if len(resized) == 1 else np.stack(resized), strength=up.strength,
+            num_inference_steps=steps, guidance_scale=up_guidance, negative_prompt=negatives, eta=cfg.eta,
+            generator=generators, output_type="np",
+        ).frames
     resolved["upscale"] = {"steps": steps, "guidance": up_guidance, "height": up.height, "width": up.width}
     return list(out)
 

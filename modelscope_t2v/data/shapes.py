@@ -111,10 +111,9 @@ def _render_shape_uint8(
     cx0 = float(rng.uniform(half, width - half))
     cy0 = float(rng.uniform(half, height - half))
     clip_frames = num_frames if clip_frames is None else clip_frames
-    if clip_frames == num_frames:
-        t = np.linspace(0.0, 1.0, num_frames, dtype=np.float64) if num_frames > 1 else np.zeros(1)
-    else:  # the clip's own speed, kept past its end (or stopped short of it)
-        t = np.arange(num_frames, dtype=np.float64) / max(clip_frames - 1, 1)
+    t = np.linspace(0.0, 1.0, clip_frames, dtype=np.float64) if clip_frames > 1 else np.zeros(1)
+    if num_frames != clip_frames:  # the clip's own times, then its speed kept past its end (or the clip cut short)
+        t = np.concatenate([t, np.arange(clip_frames, num_frames, dtype=np.float64) / (clip_frames - 1)])[:num_frames]
     cx = np.full(num_frames, cx0)
     cy = np.full(num_frames, cy0)
     if direction is not None and direction != STILL:
@@ -172,6 +171,8 @@ def render_shape_clip(
     for name, v in (("num_frames", num_frames), ("clip_frames", clip_frames), ("height", height), ("width", width)):
         if int(v) < 1:
             raise ValueError(f"{name} must be >= 1, got {v}")
+    if clip_frames != num_frames and clip_frames < 2:
+        raise ValueError(f"clip_frames={clip_frames}: a clip of one frame has no speed to continue; use clip_frames >= 2")
     if rng is not None and seed is not None:
         raise ValueError("give rng or seed, not both")
     if rng is None:

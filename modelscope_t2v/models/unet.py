@@ -202,8 +202,8 @@ class FrameConv(nn.Conv3d):
     sums to fp32 round-off, about 3x faster on CPUs, where such a Conv3d has no oneDNN kernel (docs/benchmarks.md).
     Still an nn.Conv3d: its weights, hooks and peft's LoRA wrapping are a Conv3d's.
 
-    `circular` (UNet3DConditionModel.circular_frames): pad the frames by wrapping around, not with zeros, so the
-    last frame is the first one's neighbour (loops)."""
+    `circular` (UNet3D.circular_frames): pad the frames by wrapping around, not with zeros, so the last frame is
+    the first one's neighbour (loops)."""
 
     circular = False
 
@@ -212,7 +212,7 @@ class FrameConv(nn.Conv3d):
         x = x.reshape(b, -1, f, h * w)  # b c f (h w)
         pad = self.padding[0]
         if self.circular and pad:
-            x = torch.cat([x[:, :, f - pad:], x, x[:, :, :pad]], dim=2)  # b c (f + 2 pad) (h w)
+            x = x.index_select(2, torch.arange(-pad, f + pad, device=x.device) % f)  # b c (f + 2 pad) (h w)
             pad = 0
         out = F.conv2d(x, self.weight.squeeze(-1), self.bias, padding=(pad, 0))  # b o f (h w)
         return out.view(b, -1, f, h, w)  # b o f h w
@@ -726,21 +726,16 @@ class UNet3D(Model):
         the last frame is the first one's neighbour. Temporal attention has no order and GroupNorm's statistics
         none either, so without a frame-position embedding (the released checkpoints) the UNet is then
         equivariant to rolling the frames: a video sampled so is a loop, with no first or last frame."""
+        # a LoRA's down-projection on a temporal conv is a FrameConv too (peft builds it as the base layer's type)
         convs = [m for m in self.modules() if isinstance(m, FrameConv)]
-        # every other Conv3d here is a LoRA's down-projection beside a temporal conv (peft copies its padding)
-        others = [m for m in self.modules() if isinstance(m, nn.Conv3d) and not isinstance(m, FrameConv) and any(m.padding)]
-        before = [m.circular for m in convs], [m.padding_mode for m in others]
+        before = [m.circular for m in convs]
         for m in convs:
             m.circular = bool(on)
-        for m in others:
-            m.padding_mode = "circular" if on else "zeros"
         try:
             yield self
         finally:
-            for m, c in zip(convs, before[0]):
+            for m, c in zip(convs, before):
                 m.circular = c
-            for m, mode in zip(others, before[1]):
-                m.padding_mode = mode
 
     def set_temporal(self, attention: bool = True, conv: bool = True) -> None:
         """Switch the temporal attention layers (incl. the one after conv_in) and/or the temporal

@@ -1,9 +1,9 @@
 """Long videos and pinned frames, training-free, with diffusers' names: FreeNoise (`enable_free_noise`, noise
 rescheduling, windowed temporal attention, prompt travel), plain sliding windows over the whole UNet
 (`enable_sliding_windows`, the fine-tuning community's overlap averaging), FreeU (`enable_freeu`), FreeInit
-(`enable_free_init`); and frames pinned to given pixels during sampling: image-to-video (`image=`), a last
-keyframe (`last_image=`), loops (`loop=True`) and continuation of a clip (`init_video=`, `num_init_frames=`),
-chained into long videos by `generate_continued`.
+(`enable_free_init`); frames pinned to given pixels during sampling: image-to-video (`image=`), a last keyframe
+(`last_image=`) and continuation of a clip (`init_video=`, `num_init_frames=`), chained into long videos by
+`generate_continued`; and loops (`loop=True`).
 
 Pinning (the A1111 text2video extension's inpainting of latents): the pinned frames' latents are the given
 frames' autoencoder means, noised to the current timestep with fixed noise and blended in with `image_strength`
@@ -151,12 +151,15 @@ class LongVideoMethods:
 
     # -- pieces of a call ----------------------------------------------------------------------------
 
-    def _check_long_video(self, num_frames: int) -> None:
+    def _check_long_video(self, num_frames: int, loop: bool = False) -> None:
         for what, windows in (("enable_free_noise", self._free_noise and self._free_noise[0]),
                               ("enable_sliding_windows", self._sliding_windows)):
             if windows and num_frames < windows.context_length:
                 raise ValueError(f"{what}: context_length {windows.context_length} is longer than the video "
                                  f"({num_frames} frames); use a context_length <= num_frames")
+            if windows and loop and num_frames > windows.context_length:
+                raise ValueError(f"loop=True: the windows of {what} do not wrap around from the last frame to the "
+                                 "first; disable them for a loop (or sample at most context_length frames)")
         if self._free_init is not None:
             t_max = self.scheduler.config.num_train_timesteps - 1
             if float(self.scheduler.alphas_cumprod[t_max]) < 1e-6:
@@ -223,11 +226,6 @@ class LongVideoMethods:
             raise TypeError(f"loop must be True or False, got {loop!r}")
         if loop and last_image is not None:
             raise ValueError("loop=True leads the last frame back to the first: it cannot also take a last_image")
-        if loop and (self._sliding_windows is not None or self._free_noise is not None):
-            windows = (self._sliding_windows or self._free_noise[0])
-            if num_frames > windows.context_length:
-                raise ValueError("loop=True: the FreeNoise / sliding windows do not wrap around from the last frame "
-                                 "to the first; disable them (disable_free_noise / disable_sliding_windows) for a loop")
         if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0 <= strength <= 1:
             raise ValueError(f"image_strength must be in [0, 1], got {strength!r}")
         if isinstance(pin_noise, bool) or not isinstance(pin_noise, (int, float)) or not 0 <= pin_noise <= 1:

@@ -407,7 +407,7 @@ class TextToVideoSDPipeline(ComponentMethods, LoraMethods, LongVideoMethods, Acc
                               shape[3] * factor, shape[4] * factor, shape[2], pin_noise)
             if latents is not None and tuple(latents.shape) != shape:
                 raise ValueError(f"latents must have shape {shape}, got {tuple(latents.shape)}")
-            self._check_long_video(shape[2])
+            self._check_long_video(shape[2], loop=bool(loop))
 
         with self.call_precision():  # half weights on a CPU: float32 for this call
             if travel:
