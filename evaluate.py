@@ -196,11 +196,13 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--no-progress", action="store_true", help="no progress bars")
     lv = p.add_argument_group("long videos, image-to-video, continuation, loops (docs/long_video.md)")
     lv.add_argument("--long", nargs="+", default=[], metavar="MODE",
-                    choices=("plain", "free-noise", "free-noise-random", "sliding", "i2v", "continue", "loop", "world"),
+                    choices=("plain", "free-noise", "free-noise-random", "sliding", "i2v", "continue", "loop",
+                             "free-noise-loop", "sliding-loop", "world"),
                     help="measure these modes with the first --settings (plain, free-noise, free-noise-random "
-                         "(windowed attention, the plain noise), sliding and continue at each --frames; i2v and "
-                         "loop at 16 frames); world: no model, the renderer's clips continued at their own speed "
-                         "(what the world itself scores) at each --frames")
+                         "(windowed attention, the plain noise), sliding, continue and loop (loop=True; with "
+                         "FreeNoise or sliding windows closed into a loop: free-noise-loop, sliding-loop) at each "
+                         "--frames; i2v at 16 frames); world: no model, the renderer's clips continued at their own "
+                         "speed (what the world itself scores) at each --frames")
     lv.add_argument("--frames", nargs="+", type=int, default=[48, 64], help="lengths for --long (default 48 64)")
     lv.add_argument("--pin-noise", nargs="+", type=float, default=[0.3], metavar="P",
                     help="pin_noise values for the pinned modes i2v, continue and loop (default 0.3)")
@@ -425,21 +427,22 @@ def run_long(args: argparse.Namespace) -> list[dict]:
         guidance = pipe.resolve_guidance_scale(args.guidance)
     pairs = se.prompt_seed_pairs(args.pairs, args.seed0)
     rows = []
-    runs = [(mode, frames, pin) for mode in args.long for frames in (args.frames if mode not in ("i2v", "loop") else [16])
-            for pin in (args.pin_noise if mode in ("i2v", "continue", "loop") else [None])]
+    runs = [(mode, frames, pin) for mode in args.long for frames in (args.frames if mode != "i2v" else [16])
+            for pin in (args.pin_noise if mode in ("i2v", "continue") else [None])]
     for mode, frames, pin in runs:
         if pipe is not None:
             pipe.disable_free_noise()
             pipe.disable_sliding_windows()
-        if mode == "free-noise":
+        if mode in ("free-noise", "free-noise-loop"):
             pipe.enable_free_noise()
         elif mode == "free-noise-random":
             pipe.enable_free_noise(noise_type="random")
-        elif mode == "sliding":
+        elif mode in ("sliding", "sliding-loop"):
             pipe.enable_sliding_windows()
         label = mode if pin is None else f"{mode}, pin_noise {pin:g}"
         print(f"{label} at {frames} frames on {len(pairs)} pairs ...", file=sys.stderr, flush=True)
-        result, videos = lv.measure(pipe, pairs, "plain" if mode.startswith("free-noise") else mode, frames,
+        measured = "loop" if mode.endswith("loop") else "plain" if mode.startswith("free-noise") else mode
+        result, videos = lv.measure(pipe, pairs, measured, frames,
                                     steps_=steps, guidance=guidance, pin_noise=0.3 if pin is None else pin)
         result.mode = label
         rows.append({"sampler": sampler if mode != "world" else None, "steps": steps if mode != "world" else 0,

@@ -304,9 +304,6 @@ def _check_long(cfg: SampleConfig) -> None:
         raise ValueError(f"free_noise / sliding_windows work in windows of 16 frames; num_frames={cfg.num_frames} is shorter")
     if cfg.free_noise and cfg.sliding_windows:
         raise ValueError("free_noise and sliding_windows: choose one way of windowing a long video")
-    if cfg.loop and (cfg.free_noise or cfg.sliding_windows) and (cfg.num_frames or 16) > 16:
-        raise ValueError("loop=true with free_noise / sliding_windows: their 16-frame windows do not wrap around "
-                         "from the last frame to the first; loop without them")
     if cfg.deepcache is not None:
         _positive_int("deepcache", cfg.deepcache)
         if isinstance(cfg.deepcache_branch, bool) or not isinstance(cfg.deepcache_branch, int) or cfg.deepcache_branch < 0:

@@ -378,6 +378,60 @@ def pipe_timesteps(cls, base, spacing):
     return s.timesteps.tolist()
 
 
+def _perturbed_sampler():
+    """A tiny pipeline with perturbed weights (its temporal convs are not the identity), 8 frames of starting latents,
+    and sample(latents, **kw): 3 steps from them, the latents out."""
+    looped = TextToVideoSDPipeline.from_preset("tiny", seed=0)
+    perturb_(looped.unet, 1)
+    looped.set_progress_bar_config(disable=True)
+    start = randn(looped._latent_shape(1, None, None, 8), torch.Generator().manual_seed(5), "cpu", torch.float32)
+
+    def sample(latents, **kw):
+        return looped("a red circle", latents=latents, num_frames=8, num_inference_steps=3, output_type="latent",
+                      **kw).frames
+
+    return looped, start, sample
+
+
+def test_closed_loop_windows_wrap_around_and_loop_long_videos():
+    """A long loop: FreeNoise's windows (and the sliding windows) closed into a loop start at every multiple of the
+    stride and wrap around; with them the UNet, and a looped sampling, commute with rolling the frames by the stride."""
+    from modelscope_t2v.models.unet import FrameConv
+
+    w = FrameWindows(4, 2, "pyramid", closed_loop=True)
+    assert w.windows(8) == [(0, 4), (2, 6), (4, 8), (6, 10)] and w.windows(4) == [(0, 4)]
+    assert FrameWindows(4, 2).looped() == w and FrameWindows(4, 2).windows(8) == [(0, 4), (2, 6), (4, 8)]
+    h = torch.randn(3, 8, 5)
+    assert torch.allclose(w.fuse(lambda x, _: x, h), h, atol=1e-6)  # the weights are normalised
+    seen = []
+    fused = w.fuse(lambda x, frames: seen.append(frames) or torch.ones_like(x) * len(seen), h)
+    assert torch.equal(seen[-1], torch.tensor([6, 7, 0, 1]))  # the last window wraps around to frames 0, 1
+    # frame 0: weight 1 in window 1 (its first frame), 2 in window 4 (its third): (1 * 1 + 2 * 4) / 3
+    assert torch.allclose(fused[:, 0], torch.full((3, 5), 3.0))
+
+    _, unet = _diffusers_pair(TINY)
+    x, t, ctx = _inputs(TINY, frames=8, size=(16, 16))
+    roll = lambda v, k=2: torch.roll(v, k, dims=2)  # noqa: E731
+    with torch.no_grad(), unet.circular_frames():
+        with unet.windowed(w):
+            assert max_diff(unet(roll(x), t, ctx), roll(unet(x, t, ctx))) <= 1e-5
+        with unet.windowed(FrameWindows(4, 2, "pyramid")):  # open windows: the ends are ends
+            assert max_diff(unet(roll(x), t, ctx), roll(unet(x, t, ctx))) > 1e-3
+
+    looped, start, sample = _perturbed_sampler()
+
+    for enable in (looped.enable_free_noise, looped.enable_sliding_windows):
+        enable(context_length=4, context_stride=2)
+        try:
+            assert max_diff(sample(roll(start), loop=True), roll(sample(start, loop=True))) <= 1e-4
+            assert max_diff(sample(roll(start)), roll(sample(start))) > 1e-2
+        finally:
+            looped.disable_free_noise()
+            looped.disable_sliding_windows()
+    assert not any(m.circular for m in looped.unet.modules() if isinstance(m, FrameConv))
+    assert all(m.windows is None for m in looped.unet.modules() if hasattr(m, "windows") and not callable(m.windows))
+
+
 def test_loop_wraps_the_temporal_convs_around(pipe):
     """loop=True: the temporal convs pad by wrapping around for the call, so a UNet without a frame-position embedding
     is equivariant to rolling the frames, and so is a looped sampling: the video has no first or last frame."""
@@ -406,14 +460,7 @@ def test_loop_wraps_the_temporal_convs_around(pipe):
             raise RuntimeError("inside")
         assert not any(m.circular for m in unet.modules() if isinstance(m, FrameConv))  # put back on an error too
 
-    looped = TextToVideoSDPipeline.from_preset("tiny", seed=0)
-    perturb_(looped.unet, 1)
-    looped.set_progress_bar_config(disable=True)
-    start = randn(looped._latent_shape(1, None, None, 8), torch.Generator().manual_seed(5), "cpu", torch.float32)
-
-    def sample(latents, **kw):
-        return looped("a red circle", latents=latents, num_frames=8, num_inference_steps=3, output_type="latent",
-                      **kw).frames
+    looped, start, sample = _perturbed_sampler()
 
     assert max_diff(sample(roll(start, 3), loop=True), roll(sample(start, loop=True), 3)) <= 1e-4
     assert max_diff(sample(roll(start, 3)), roll(sample(start), 3)) > 1e-2  # without the loop the ends are ends
@@ -502,24 +549,6 @@ def test_bad_long_video_settings_are_refused(pipe):
         pipe.disable_free_noise()
     with pytest.raises(ValueError, match="integer frame indices in \\[0, 8\\)"):
         _run(pipe, prompt={9: "a red circle"})
-    for which in ("free_noise", "sliding_windows", "both"):  # windows do not wrap around
-        if which != "sliding_windows":
-            pipe.enable_free_noise(context_length=4, context_stride=2)
-        if which != "free_noise":
-            pipe.enable_sliding_windows(context_length=8 if which == "both" else 4, context_stride=2)
-        try:  # both: the sliding windows cover the video, FreeNoise's do not
-            with pytest.raises(ValueError, match=f"loop=True: the windows of enable_{'free_noise' if which == 'both' else which} "
-                                                 "do not wrap around"):
-                _run(pipe, loop=True, callback_on_step_end=_no_step)
-        finally:
-            pipe.disable_free_noise()
-            pipe.disable_sliding_windows()
-    assert _run(pipe, loop=True, num_frames=4).shape[1] == 4  # windows off: a loop of any length
-
-
-def _no_step(*args):
-    raise AssertionError("a refused call ran a step")
-
 
 def test_sample_py_image_to_video_loops_and_chained_clips(tmp_path):
     import sys
@@ -547,8 +576,8 @@ def test_sample_py_image_to_video_loops_and_chained_clips(tmp_path):
         sample.generate({**base, "image": str(tmp_path / "notes.png"), "out": str(tmp_path / "d.mp4")})
     with pytest.raises(ValueError, match="cannot also take last_image"):
         sample.generate({**base, "loop": True, "last_image": str(tmp_path / "start.png"), "out": str(tmp_path / "e.mp4")})
-    with pytest.raises(ValueError, match="loop=true with free_noise / sliding_windows"):
-        sample.generate({**base, "loop": True, "num_frames": 20, "sliding_windows": True, "out": str(tmp_path / "f.mp4")})
+    out = sample.generate({**base, "loop": True, "num_frames": 20, "free_noise": True, "out": str(tmp_path / "f.mp4")})
+    assert read_all_frames(out).shape[0] == 20
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -7,12 +7,13 @@ times b_i, and the skip features' lowest spatial frequencies (the central 2 x 2 
 times s_i. Windowed attention: the temporal transformer's two attentions run on windows of
 `context_length` frames, `context_stride` apart (plus one window ending at the last frame), and the outputs
 are fused by per-frame weights (flat, pyramid or delayed_reverse_sawtooth); the feed-forward then runs on
-the fused frames.
+the fused frames. Closed-loop windows (loops) start at every multiple of the stride and wrap around from the
+last frame to the first.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import torch
@@ -87,11 +88,14 @@ def low_frequency_scaled(x: Tensor, scale: float, radius: int = 1) -> Tensor:
 
 @dataclass(frozen=True)
 class FrameWindows:
-    """FreeNoise's temporal windows: `context_length` frames every `context_stride` frames."""
+    """FreeNoise's temporal windows: `context_length` frames every `context_stride` frames. `closed_loop`: one
+    window at every multiple of the stride, those that run past the last frame wrapping around to the first
+    (a loop, where the last frame is the first one's neighbour)."""
 
     context_length: int = 16
     context_stride: int = 4
     weighting_scheme: str = "pyramid"
+    closed_loop: bool = False
 
     def __post_init__(self):
         for name in ("context_length", "context_stride"):
@@ -104,8 +108,15 @@ class FrameWindows:
         if self.weighting_scheme not in WEIGHTING_SCHEMES:
             raise ValueError(f"weighting_scheme must be one of {WEIGHTING_SCHEMES}, got {self.weighting_scheme!r}")
 
+    def looped(self) -> FrameWindows:
+        """These windows, closed into a loop."""
+        return replace(self, closed_loop=True)
+
     def windows(self, num_frames: int) -> list[tuple[int, int]]:
-        """(start, end) of each window; the last one ends at `num_frames`."""
+        """(start, end) of each window; the last one ends at `num_frames`. Closed into a loop (and longer than one
+        window): one at every multiple of the stride, an end past `num_frames` wrapping around to frame 0."""
+        if self.closed_loop and num_frames > self.context_length:
+            return [(s, s + self.context_length) for s in range(0, num_frames, self.context_stride)]
         starts = list(range(0, num_frames - self.context_length + 1, self.context_stride))
         out = [(s, s + self.context_length) for s in starts]
         if not out or out[-1][1] != num_frames:
@@ -125,9 +136,10 @@ class FrameWindows:
         low = [0.01] * (mid - 1) + ([float(mid)] if n % 2 == 0 else [])
         return low + [float(v) for v in range(mid, 0, -1)]
 
-    def fuse(self, fn: Callable[[Tensor, slice], Tensor], h: Tensor, dim: int = 1) -> Tensor:
-        """fn(window, its frames as a slice) for each window of `h` along `dim` (the frames), fused by the
-        weights; fn keeps the window's shape. One window (num_frames <= context_length) is fn(h) itself."""
+    def fuse(self, fn: Callable[[Tensor, slice | Tensor], Tensor], h: Tensor, dim: int = 1) -> Tensor:
+        """fn(window, its frames) for each window of `h` along `dim` (the frames), fused by the weights; fn keeps
+        the window's shape. The frames are a slice, or the frame indices of a window that wraps around (closed
+        loop). One window (num_frames <= context_length) is fn(h) itself."""
         num_frames = h.shape[dim]
         if num_frames <= self.context_length:
             return fn(h, slice(0, num_frames))
@@ -137,8 +149,13 @@ class FrameWindows:
         total = torch.zeros(h.shape, device=h.device, dtype=torch.float32)
         count = torch.zeros([num_frames if d == dim else 1 for d in range(h.ndim)], device=h.device)
         for start, end in self.windows(num_frames):
-            total.narrow(dim, start, end - start).add_(fn(h.narrow(dim, start, end - start), slice(start, end)).float() * weights)
-            count.narrow(dim, start, end - start).add_(weights)
+            if end <= num_frames:
+                total.narrow(dim, start, end - start).add_(fn(h.narrow(dim, start, end - start), slice(start, end)).float() * weights)
+                count.narrow(dim, start, end - start).add_(weights)
+            else:  # wraps around to frame 0
+                frames = torch.arange(start, end, device=h.device) % num_frames
+                total.index_add_(dim, frames, fn(h.index_select(dim, frames), frames).float() * weights)
+                count.index_add_(dim, frames, weights.expand([len(frames) if d == dim else 1 for d in range(h.ndim)]))
         return (total / count).to(h.dtype)
 
 

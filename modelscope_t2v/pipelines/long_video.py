@@ -151,15 +151,12 @@ class LongVideoMethods:
 
     # -- pieces of a call ----------------------------------------------------------------------------
 
-    def _check_long_video(self, num_frames: int, loop: bool = False) -> None:
+    def _check_long_video(self, num_frames: int) -> None:
         for what, windows in (("enable_free_noise", self._free_noise and self._free_noise[0]),
                               ("enable_sliding_windows", self._sliding_windows)):
             if windows and num_frames < windows.context_length:
                 raise ValueError(f"{what}: context_length {windows.context_length} is longer than the video "
                                  f"({num_frames} frames); use a context_length <= num_frames")
-            if windows and loop and num_frames > windows.context_length:
-                raise ValueError(f"loop=True: the windows of {what} do not wrap around from the last frame to the "
-                                 "first; disable them for a loop (or sample at most context_length frames)")
         if self._free_init is not None:
             t_max = self.scheduler.config.num_train_timesteps - 1
             if float(self.scheduler.alphas_cumprod[t_max]) < 1e-6:
@@ -168,9 +165,13 @@ class LongVideoMethods:
                     "signal (zero terminal SNR, rescale_betas_zero_snr=True): every iteration would start from "
                     "pure noise again. Use FreeInit with a model whose schedule keeps signal at its last timestep")
 
-    def _unet_windows(self):
-        """A context: FreeNoise's windows on the UNet's temporal attention for this call (else as it is)."""
-        return nullcontext() if self._free_noise is None else self.unet.windowed(self._free_noise[0])
+    def _unet_windows(self, loop: bool = False):
+        """A context: FreeNoise's windows on the UNet's temporal attention for this call (else as it is); closed
+        into a loop for a loop."""
+        if self._free_noise is None:
+            return nullcontext()
+        windows = self._free_noise[0]
+        return self.unet.windowed(windows.looped() if loop else windows)
 
     def _free_noise_latents(self, latents: torch.Tensor, generator) -> torch.Tensor:
         """The initial noise rescheduled as FreeNoise's noise_type says (after the plain draw, as diffusers)."""
@@ -212,11 +213,14 @@ class LongVideoMethods:
             context = torch.cat([repeat(neg[0], "n d -> b f n d", b=num_videos_per_prompt, f=per_frame.shape[0]), context])
         return context
 
-    def _windowed_unet(self, unet_call: Callable, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        """unet_call(x, context) over the sliding windows' frames (a per-frame context sliced with them)."""
+    def _windowed_unet(self, unet_call: Callable, x: torch.Tensor, context: torch.Tensor,
+                       loop: bool = False) -> torch.Tensor:
+        """unet_call(x, context) over the sliding windows' frames (a per-frame context sliced with them); closed
+        into a loop for a loop."""
         windows = self._sliding_windows
         if windows is None or x.shape[2] <= windows.context_length:
             return unet_call(x, context)
+        windows = windows.looped() if loop else windows
         return windows.fuse(lambda xw, frames: unet_call(xw, context if context.ndim == 3 else context[:, frames]), x, dim=2)
 
     def _pins(self, image, last_image, loop: bool, init_video, num_init_frames, strength, height, width,
@@ -307,10 +311,13 @@ class LongVideoMethods:
 
     def _sample_text_to_video(self, latents, context, guidance_scale, num_inference_steps: int, pins: Pins | None,
                               denoise: dict, loop: bool = False) -> torch.Tensor:
-        """The denoising of a text-to-video call: FreeInit's iterations (one without it), each with the pins; a
-        loop with the UNet's temporal convs wrapping around."""
-        with self.unet.circular_frames() if loop else nullcontext():
-            return self._free_init_iterations(latents, context, guidance_scale, num_inference_steps, pins, denoise)
+        """The denoising of a text-to-video call: FreeInit's iterations (one without it), each with the pins. A
+        loop: the UNet's temporal convs wrap around, and so do FreeNoise's windows; sliding windows wrap around
+        instead, each window's UNet call then a plain one (its ends are not neighbours)."""
+        sliding = self._sliding_windows is not None and latents.shape[2] > self._sliding_windows.context_length
+        with self.unet.circular_frames() if loop and not sliding else nullcontext():
+            return self._free_init_iterations(latents, context, guidance_scale, num_inference_steps, pins,
+                                              {**denoise, "loop": loop})
 
     def _free_init_iterations(self, latents, context, guidance_scale, num_inference_steps: int, pins: Pins | None,
                               denoise: dict) -> torch.Tensor:

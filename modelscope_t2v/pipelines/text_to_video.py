@@ -202,9 +202,10 @@ class TextToVideoSDPipeline(ComponentMethods, LoraMethods, LongVideoMethods, Acc
 
     def _denoise(self, latents, timesteps, context, guidance_scale, *, eta, generator, callback, callback_steps,
                  callback_on_step_end, callback_on_step_end_tensor_inputs, lora_scale: float = 1.0,
-                 after_step: Callable | None = None) -> torch.Tensor:
+                 after_step: Callable | None = None, loop: bool = False) -> torch.Tensor:
         """Run the scheduler's sampler over `timesteps` with classifier-free guidance and the callbacks;
-        `after_step(i, x) -> x` (pinned frames) runs first after each step."""
+        `after_step(i, x) -> x` (pinned frames) runs first after each step; `loop`: FreeNoise's and the sliding
+        windows closed into a loop."""
         from tqdm.auto import tqdm
 
         unet = self.unet
@@ -227,7 +228,7 @@ class TextToVideoSDPipeline(ComponentMethods, LoraMethods, LongVideoMethods, Acc
             return unet(scale_in(x, t), t, encoder_hidden_states=ctx, **kw)  # b c f h w (2b when guided)
 
         def model_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            out = self._windowed_unet(lambda xw, ctx: unet_call(xw, ctx, t), x, context)  # sliding windows, if on
+            out = self._windowed_unet(lambda xw, ctx: unet_call(xw, ctx, t), x, context, loop)  # sliding windows, if on
             self._require_finite(out, f"the UNet's output at step {step[0]} (t={int(t)})")
             return out
 
@@ -257,7 +258,7 @@ class TextToVideoSDPipeline(ComponentMethods, LoraMethods, LongVideoMethods, Acc
             return new
 
         try:
-            with self._placement.placed(unet), lora.scaled(unet, lora_scale), self._unet_windows():
+            with self._placement.placed(unet), lora.scaled(unet, lora_scale), self._unet_windows(loop):
                 return self.scheduler.sample(model_fn, latents, timesteps, generator=generator,
                                              callback=step_callback, eta=eta)
         finally:
@@ -407,7 +408,7 @@ class TextToVideoSDPipeline(ComponentMethods, LoraMethods, LongVideoMethods, Acc
                               shape[3] * factor, shape[4] * factor, shape[2], pin_noise)
             if latents is not None and tuple(latents.shape) != shape:
                 raise ValueError(f"latents must have shape {shape}, got {tuple(latents.shape)}")
-            self._check_long_video(shape[2], loop=bool(loop))
+            self._check_long_video(shape[2])
 
         with self.call_precision():  # half weights on a CPU: float32 for this call
             if travel:
