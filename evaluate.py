@@ -205,7 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "speed (what the world itself scores) at each --frames")
     lv.add_argument("--frames", nargs="+", type=int, default=[48, 64], help="lengths for --long (default 48 64)")
     lv.add_argument("--pin-noise", nargs="+", type=float, default=[0.3], metavar="P",
-                    help="pin_noise values for the pinned modes i2v, continue and loop (default 0.3)")
+                    help="pin_noise values for the pinned modes i2v and continue (default 0.3)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32",
                    help="the model's dtype for the settings (default float32), computed in it on a CPU too; the "
                         "reference always runs in float32")

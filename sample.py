@@ -599,12 +599,11 @@ def _upscale_pass(cfg: SampleConfig, upscaler, videos: list[jobs.Video], generat
              up.width, up.height, up.model, up.strength, int(steps * up.strength), steps, up_guidance)
     resized = [resize_frames(f, up.width, up.height) for f in frames]
     prompts, negatives = _prompts(videos)
-    with upscaler.unet.circular_frames(cfg.loop):  # a loop stays one: the last frame the first one's neighbour
-        out = upscaler(
-            prompts, video=resized[0] if len(resized) == 1 else np.stack(resized), strength=up.strength,
-            num_inference_steps=steps, guidance_scale=up_guidance, negative_prompt=negatives, eta=cfg.eta,
-            generator=generators, output_type="np",
-        ).frames
+    out = upscaler(
+        prompts, video=resized[0] if len(resized) == 1 else np.stack(resized), strength=up.strength,
+        num_inference_steps=steps, guidance_scale=up_guidance, negative_prompt=negatives, eta=cfg.eta,
+        generator=generators, output_type="np", loop=cfg.loop,  # a loop stays one
+    ).frames
     resolved["upscale"] = {"steps": steps, "guidance": up_guidance, "height": up.height, "width": up.width}
     return list(out)
 

@@ -432,6 +432,47 @@ def test_closed_loop_windows_wrap_around_and_loop_long_videos():
     assert all(m.windows is None for m in looped.unet.modules() if hasattr(m, "windows") and not callable(m.windows))
 
 
+def test_what_wraps_around_in_a_loop(pipe):
+    """Inside sliding windows nothing wraps (a window's ends are not neighbours, nor FreeNoise's windows inside it);
+    video-to-video loops too (upscaling a loop); shuffled FreeNoise noise over a length that is not a multiple of
+    the context would repeat inside a window across the seam, and is refused."""
+    from modelscope_t2v.models.unet import FrameConv, TemporalTransformer
+
+    seen = []
+
+    def record(module, args):
+        windows = {m.windows for m in module.modules() if isinstance(m, TemporalTransformer)}
+        seen.append((args[0].shape[2], {w.closed_loop if w else None for w in windows},
+                     {m.circular for m in module.modules() if isinstance(m, FrameConv)}))
+
+    handle = pipe.unet.register_forward_pre_hook(record)
+    try:
+        pipe.enable_free_noise(context_length=4, context_stride=2)
+        pipe.enable_sliding_windows(context_length=8, context_stride=4)
+        _run(pipe, loop=True, num_frames=16, num_inference_steps=1)
+        assert seen and all(s == (8, {False}, {False}) for s in seen)  # 8-frame windows, open inside
+        pipe.disable_sliding_windows()
+        seen.clear()
+        _run(pipe, loop=True, num_frames=16, num_inference_steps=1)
+        assert seen and all(s == (16, {True}, {True}) for s in seen)  # the whole video: everything wraps
+        seen.clear()
+        with pytest.raises(ValueError, match="noise_type='shuffle_context': the rescheduled noise repeats every "
+                                             "context_length \\(4\\) frames"):
+            _run(pipe, loop=True, num_frames=10)
+        assert not seen
+        pipe.enable_free_noise(context_length=4, context_stride=2, noise_type="random")
+        assert _run(pipe, loop=True, num_frames=10, num_inference_steps=1).shape[1] == 10
+        pipe.disable_free_noise()
+        seen.clear()
+        video = np.zeros((8, 16, 16, 3), np.uint8)
+        pipe(prompt="a red circle", video=video, strength=0.5, num_inference_steps=2, loop=True, output_type="np")
+        assert seen and all(s == (8, {None}, {True}) for s in seen)  # video-to-video: a loop stays one
+    finally:
+        handle.remove()
+        pipe.disable_free_noise()
+        pipe.disable_sliding_windows()
+
+
 def test_loop_wraps_the_temporal_convs_around(pipe):
     """loop=True: the temporal convs pad by wrapping around for the call, so a UNet without a frame-position embedding
     is equivariant to rolling the frames, and so is a looped sampling: the video has no first or last frame."""
@@ -498,6 +539,7 @@ def _run_with(pipe, generator, **kw):
     (dict(image="frame.png"), TypeError, "image must be a PIL image"),
     (dict(image=np.zeros((4, 4)), num_frames=8), TypeError, "image must be a PIL image"),
     (dict(loop=True, last_image=np.zeros((8, 8, 3), np.uint8)), ValueError, "cannot also take a last_image"),
+    (dict(loop="yes"), TypeError, "loop must be True or False"),
     (dict(image=np.zeros((8, 8, 3), np.uint8), image_strength=2), ValueError, "image_strength must be in"),
     (dict(image=np.zeros((8, 8, 3), np.uint8), pin_noise=-0.1), ValueError, "pin_noise must be in"),
     (dict(num_init_frames=2), ValueError, "num_init_frames needs init_video"),
@@ -576,8 +618,8 @@ def test_sample_py_image_to_video_loops_and_chained_clips(tmp_path):
         sample.generate({**base, "image": str(tmp_path / "notes.png"), "out": str(tmp_path / "d.mp4")})
     with pytest.raises(ValueError, match="cannot also take last_image"):
         sample.generate({**base, "loop": True, "last_image": str(tmp_path / "start.png"), "out": str(tmp_path / "e.mp4")})
-    out = sample.generate({**base, "loop": True, "num_frames": 20, "free_noise": True, "out": str(tmp_path / "f.mp4")})
-    assert read_all_frames(out).shape[0] == 20
+    out = sample.generate({**base, "loop": True, "num_frames": 32, "free_noise": True, "out": str(tmp_path / "f.mp4")})
+    assert read_all_frames(out).shape[0] == 32
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -613,8 +655,9 @@ def test_long_video_measures_read_the_renderers_clips_as_prompted():
     assert r.jump_within_2x == 1.0 and r.jump_max < 2  # constant speed: every step near the median
     r16, _ = lv.measure(fake, pairs, "plain", 16, steps_=2, guidance=1.0)
     assert r16.extra["direction"] == 1.0 and r16.extra["loop_gap_median"] > 2  # a moving object does not loop
-    loop, _ = lv.measure(fake, pairs, "loop", 16, steps_=2, guidance=1.0, pin_noise=0.3)
+    loop, looped = lv.measure(fake, pairs, "loop", 32, steps_=2, guidance=1.0, pin_noise=0.3)
     assert fake.calls[-1] == dict(loop=True, pin_noise=0.3, num_inference_steps=2, guidance_scale=1.0, output_type="np")
+    assert looped[0].shape[0] == 32 and loop.extra["loop_gap_median"] > 2  # a loop of any length, its gap measured
     jumpy = videos[0].copy()
     jumpy[20:] = np.roll(jumpy[20:], 12, axis=2)  # the object jumps 12 pixels at frame 20
     assert lv.jump_ratio(jumpy) > 4 and lv.jump_ratio(jumpy, [20]) == lv.jump_ratio(jumpy)

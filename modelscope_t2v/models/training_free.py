@@ -147,7 +147,7 @@ class FrameWindows:
         view[dim] = self.context_length
         weights = torch.tensor(self.weights(), device=h.device, dtype=torch.float32).view(view)  # 1 .. l .. 1
         total = torch.zeros(h.shape, device=h.device, dtype=torch.float32)
-        count = torch.zeros([num_frames if d == dim else 1 for d in range(h.ndim)], device=h.device)
+        count = torch.zeros([num_frames if d == dim else 1 for d in range(h.ndim)], device=h.device, dtype=torch.float32)
         for start, end in self.windows(num_frames):
             if end <= num_frames:
                 total.narrow(dim, start, end - start).add_(fn(h.narrow(dim, start, end - start), slice(start, end)).float() * weights)

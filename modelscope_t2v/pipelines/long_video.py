@@ -13,7 +13,8 @@ they are the means themselves.
 Loops: the temporal convs pad the frames by wrapping around for the call (`unet.circular_frames`), so the model
 sees the last frame as the first one's neighbour at every layer; without a frame-position embedding (the
 released checkpoints) the UNet is then equivariant to rolling the frames, and the video has no first or last
-frame.
+frame. FreeNoise's and the sliding windows close into a loop too (`FrameWindows.looped`), wrapping around from
+the last frame to the first.
 """
 
 from __future__ import annotations
@@ -151,12 +152,20 @@ class LongVideoMethods:
 
     # -- pieces of a call ----------------------------------------------------------------------------
 
-    def _check_long_video(self, num_frames: int) -> None:
+    def _check_long_video(self, num_frames: int, loop: bool = False) -> None:
         for what, windows in (("enable_free_noise", self._free_noise and self._free_noise[0]),
                               ("enable_sliding_windows", self._sliding_windows)):
             if windows and num_frames < windows.context_length:
                 raise ValueError(f"{what}: context_length {windows.context_length} is longer than the video "
                                  f"({num_frames} frames); use a context_length <= num_frames")
+        sliding = self._sliding_windows is not None and num_frames > self._sliding_windows.context_length
+        if loop and not sliding and self._free_noise is not None and self._free_noise[1] != "random":
+            length = self._free_noise[0].context_length
+            if num_frames > length and num_frames % length:
+                raise ValueError(
+                    f"loop=True with FreeNoise's noise_type={self._free_noise[1]!r}: the rescheduled noise repeats every "
+                    f"context_length ({length}) frames, so over {num_frames} frames a window closed across the loop's seam "
+                    f"would hold repeated noise; use a multiple of {length} frames or noise_type='random'")
         if self._free_init is not None:
             t_max = self.scheduler.config.num_train_timesteps - 1
             if float(self.scheduler.alphas_cumprod[t_max]) < 1e-6:
@@ -226,8 +235,6 @@ class LongVideoMethods:
     def _pins(self, image, last_image, loop: bool, init_video, num_init_frames, strength, height, width,
               num_frames: int, pin_noise: float = PIN_NOISE) -> Pins | None:
         """The pinned frames of a call, checked before any model runs (frame indices of the sampled clip)."""
-        if loop not in (True, False):
-            raise TypeError(f"loop must be True or False, got {loop!r}")
         if loop and last_image is not None:
             raise ValueError("loop=True leads the last frame back to the first: it cannot also take a last_image")
         if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0 <= strength <= 1:
@@ -311,16 +318,9 @@ class LongVideoMethods:
 
     def _sample_text_to_video(self, latents, context, guidance_scale, num_inference_steps: int, pins: Pins | None,
                               denoise: dict, loop: bool = False) -> torch.Tensor:
-        """The denoising of a text-to-video call: FreeInit's iterations (one without it), each with the pins. A
-        loop: the UNet's temporal convs wrap around, and so do FreeNoise's windows; sliding windows wrap around
-        instead, each window's UNet call then a plain one (its ends are not neighbours)."""
-        sliding = self._sliding_windows is not None and latents.shape[2] > self._sliding_windows.context_length
-        with self.unet.circular_frames() if loop and not sliding else nullcontext():
-            return self._free_init_iterations(latents, context, guidance_scale, num_inference_steps, pins,
-                                              {**denoise, "loop": loop})
-
-    def _free_init_iterations(self, latents, context, guidance_scale, num_inference_steps: int, pins: Pins | None,
-                              denoise: dict) -> torch.Tensor:
+        """The denoising of a text-to-video call: FreeInit's iterations (one without it), each with the pins; a loop
+        wraps around (`_denoise`)."""
+        denoise = {**denoise, "loop": loop}
         iterations = self._free_init.num_iters if self._free_init is not None else 1
         first_noise = latents
         for it in range(iterations):

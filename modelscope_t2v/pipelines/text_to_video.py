@@ -6,6 +6,7 @@ must run here, on our own modules, with the same numbers.
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any, Callable, ClassVar
 
@@ -204,8 +205,9 @@ class TextToVideoSDPipeline(ComponentMethods, LoraMethods, LongVideoMethods, Acc
                  callback_on_step_end, callback_on_step_end_tensor_inputs, lora_scale: float = 1.0,
                  after_step: Callable | None = None, loop: bool = False) -> torch.Tensor:
         """Run the scheduler's sampler over `timesteps` with classifier-free guidance and the callbacks;
-        `after_step(i, x) -> x` (pinned frames) runs first after each step; `loop`: FreeNoise's and the sliding
-        windows closed into a loop."""
+        `after_step(i, x) -> x` (pinned frames) runs first after each step. `loop`: the UNet's temporal convs wrap
+        around and FreeNoise's windows close into a loop; with sliding windows in use, those close instead and each
+        window's UNet call is a plain one (a window's ends are not neighbours, nor are FreeNoise's inside it)."""
         from tqdm.auto import tqdm
 
         unet = self.unet
@@ -258,7 +260,10 @@ class TextToVideoSDPipeline(ComponentMethods, LoraMethods, LongVideoMethods, Acc
             return new
 
         try:
-            with self._placement.placed(unet), lora.scaled(unet, lora_scale), self._unet_windows(loop):
+            sliding = self._sliding_windows is not None and latents.shape[2] > self._sliding_windows.context_length
+            wrap = loop and not sliding  # the whole video goes through the UNet at once: its convs and windows wrap
+            with self._placement.placed(unet), lora.scaled(unet, lora_scale), self._unet_windows(wrap), \
+                    (unet.circular_frames() if wrap else nullcontext()):
                 return self.scheduler.sample(model_fn, latents, timesteps, generator=generator,
                                              callback=step_callback, eta=eta)
         finally:
@@ -343,10 +348,10 @@ class TextToVideoSDPipeline(ComponentMethods, LoraMethods, LongVideoMethods, Acc
         `default_guidance_scale` (the bundled shapes model) uses that instead of either default when
         `guidance_scale` is not given.
 
-        Text-to-video only (pipelines/long_video.py): `image` starts the video from an image, `last_image` ends
-        it on one, `loop=True` makes the last frame lead back to the first, `init_video` + `num_init_frames`
-        continue a clip from its last frames (each pinned with `image_strength`, re-noised to `pin_noise` times
-        the current timestep); `prompt` may be a dict
+        `loop=True` makes the last frame lead back to the first (pipelines/long_video.py; in video-to-video too, so
+        that upscaling a loop keeps it one). Text-to-video only: `image` starts the video from an image,
+        `last_image` ends it on one, `init_video` + `num_init_frames` continue a clip from its last frames (each
+        pinned with `image_strength`, re-noised to `pin_noise` times the current timestep); `prompt` may be a dict
         {first frame: prompt} (prompt travel); the enable_free_noise / enable_sliding_windows / enable_freeu /
         enable_free_init switches apply.
 
@@ -382,9 +387,11 @@ class TextToVideoSDPipeline(ComponentMethods, LoraMethods, LongVideoMethods, Acc
         bad = set(callback_on_step_end_tensor_inputs) - {"latents", "prompt_embeds"}
         if bad:
             raise ValueError(f"callback_on_step_end_tensor_inputs: unknown names {sorted(bad)}")
-        keyframed = image is not None or last_image is not None or loop or init_video is not None
+        if loop not in (True, False):
+            raise TypeError(f"loop must be True or False, got {loop!r}")
+        keyframed = image is not None or last_image is not None or init_video is not None
         if video_to_video and (keyframed or num_init_frames is not None):
-            raise ValueError("image / last_image / loop / init_video are text-to-video options; video-to-video takes video=")
+            raise ValueError("image / last_image / init_video are text-to-video options; video-to-video takes video=")
         pins = None
         if video_to_video:
             for name, value in (("height", height), ("width", width), ("num_frames", num_frames)):
@@ -408,7 +415,7 @@ class TextToVideoSDPipeline(ComponentMethods, LoraMethods, LongVideoMethods, Acc
                               shape[3] * factor, shape[4] * factor, shape[2], pin_noise)
             if latents is not None and tuple(latents.shape) != shape:
                 raise ValueError(f"latents must have shape {shape}, got {tuple(latents.shape)}")
-            self._check_long_video(shape[2])
+            self._check_long_video(shape[2], loop=bool(loop))
 
         with self.call_precision():  # half weights on a CPU: float32 for this call
             if travel:
@@ -437,7 +444,7 @@ class TextToVideoSDPipeline(ComponentMethods, LoraMethods, LongVideoMethods, Acc
                            callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs)
             if video_to_video:
                 if len(timesteps):
-                    latents = self._denoise(latents, timesteps, context, guidance_scale, **denoise)
+                    latents = self._denoise(latents, timesteps, context, guidance_scale, loop=bool(loop), **denoise)
             else:
                 latents = self._sample_text_to_video(latents, context, guidance_scale, num_inference_steps, pins, denoise,
                                                      loop=bool(loop))
