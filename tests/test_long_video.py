@@ -723,3 +723,22 @@ def test_the_worlds_own_long_video_loses_its_object(tmp_path):
     rows = json.loads((tmp_path / "w.json").read_text())["rows"]
     assert [(r["mode"], r["num_frames"], r["sampler"]) for r in rows] == [("world", 16, None), ("world", 48, None)]
     assert json.loads((tmp_path / "w.json").read_text())["settings"] is None
+
+
+def test_evaluate_long_modes_switch_the_pipeline_as_named(monkeypatch, tmp_path):
+    """evaluate.py --long: each mode measures what it names (FreeNoise / sliding windows on, loop=True or not)."""
+    import evaluate
+    from modelscope_t2v.eval import long_video as lv
+
+    seen = []
+
+    def fake_measure(pipe, pairs, mode, num_frames, **kw):
+        seen.append((mode, num_frames, pipe.free_noise_enabled, pipe._sliding_windows is not None))
+        return lv.LongResult(mode, num_frames, len(pairs), 0.0), []
+
+    monkeypatch.setattr(lv, "measure", fake_measure)
+    modes = ["plain", "free-noise", "sliding", "loop", "free-noise-loop", "sliding-loop"]
+    assert evaluate.main(["--long", *modes, "--frames", "32", "--pairs", "1", "--settings", "ddim:1",
+                          "--out", str(tmp_path / "r.json")]) == 0
+    assert seen == [("plain", 32, False, False), ("plain", 32, True, False), ("sliding", 32, False, True),
+                    ("loop", 32, False, False), ("loop", 32, True, False), ("loop", 32, False, True)]
