@@ -400,13 +400,18 @@ def _generate(sample, args, prompts, folder, sampler, steps, spacing, per_prompt
                      "lora": list(args.lora) or None, "lora_scale": args.lora_scale or 1.0})
 
 
+def _long_generates(args: argparse.Namespace) -> bool:
+    """Whether --long runs a model (every mode but world does)."""
+    return any(mode != "world" for mode in args.long)
+
+
 def run_long(args: argparse.Namespace) -> list[dict]:
     """--long: each mode at each length on --pairs shapes pairs (eval/long_video.py)."""
     from modelscope_t2v.eval import long_video as lv
     from modelscope_t2v.pipelines import TextToVideoSDPipeline
     from modelscope_t2v.video_io import export_to_video
 
-    generating = any(mode != "world" for mode in args.long)
+    generating = _long_generates(args)
     if generating and (not args.settings or args.settings[0] is None):
         raise ValueError("--long needs a sampler setting: --settings SAMPLER:STEPS")
     if any(f < 16 for f in args.frames):
@@ -507,8 +512,7 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         print(long_table(rows))
         if args.out is not None:
-            generated = any(mode != "world" for mode in args.long)
-            write_json(args.out, {"pairs": args.pairs, "settings": str(args.settings[0]) if generated else None,
+            write_json(args.out, {"pairs": args.pairs, "settings": str(args.settings[0]) if _long_generates(args) else None,
                                   "rows": rows})
         return 0
     if uses_harness(args):

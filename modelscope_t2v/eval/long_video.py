@@ -43,11 +43,15 @@ WORLD_FRAMES_INSIDE = 1 + int((1 - SHAPE_EXTENT[0] * math.sqrt(3) / 2) / WORLD_S
 WORLD_SPEED_TOLERANCE = 0.95  # a fitted speed this close to WORLD_STEP_MIN counts as a world speed (pixel rounding)
 
 
+def foreground(video) -> np.ndarray:
+    """(f, h, w) bool: the object's pixels (brightest channel over the reader's threshold)."""
+    return se._as_float_frames(video).max(axis=-1) > se.FOREGROUND_THRESHOLD
+
+
 def centroids(video) -> np.ndarray:
     """(f, 2) foreground centroids (x, y) in frame fractions; NaN for a frame without an object."""
-    x = se._as_float_frames(video)
-    f, h, w, _ = x.shape
-    mask = x.max(axis=-1) > se.FOREGROUND_THRESHOLD
+    mask = foreground(video)
+    f, h, w = mask.shape
     out = np.full((f, 2), np.nan)
     for i in range(f):
         ys, xs = np.nonzero(mask[i])
@@ -60,8 +64,7 @@ def inside(video, margin: int = 1) -> np.ndarray:
     """(f,) bool: the object is there and no pixel of it lies within `margin` (>= 1) pixels of the border."""
     if isinstance(margin, bool) or not isinstance(margin, int) or margin < 1:
         raise ValueError(f"margin must be an int >= 1, got {margin!r}")
-    x = se._as_float_frames(video)
-    mask = x.max(axis=-1) > se.FOREGROUND_THRESHOLD
+    mask = foreground(video)
     present = mask.sum(axis=(1, 2)) >= se.MIN_PIXELS
     edge = np.zeros(mask.shape[1:], bool)
     edge[:margin], edge[-margin:], edge[:, :margin], edge[:, -margin:] = True, True, True, True

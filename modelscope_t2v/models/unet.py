@@ -711,14 +711,8 @@ class UNet3D(Model):
     @contextmanager
     def windowed(self, windows: FrameWindows | None):
         """set_frame_windows(windows) for the duration of a block, then each layer's setting back."""
-        layers = [m for m in self.modules() if isinstance(m, TemporalTransformer)]
-        before = [m.windows for m in layers]
-        self.set_frame_windows(windows)
-        try:
+        with _set_during(self, TemporalTransformer, "windows", windows):
             yield self
-        finally:
-            for m, w in zip(layers, before):
-                m.windows = w
 
     @contextmanager
     def circular_frames(self, on: bool = True):
@@ -727,15 +721,8 @@ class UNet3D(Model):
         none either, so without a frame-position embedding (the released checkpoints) the UNet is then
         equivariant to rolling the frames: a video sampled so is a loop, with no first or last frame."""
         # a LoRA's down-projection on a temporal conv is a FrameConv too (peft builds it as the base layer's type)
-        convs = [m for m in self.modules() if isinstance(m, FrameConv)]
-        before = [m.circular for m in convs]
-        for m in convs:
-            m.circular = bool(on)
-        try:
+        with _set_during(self, FrameConv, "circular", bool(on)):
             yield self
-        finally:
-            for m, c in zip(convs, before):
-                m.circular = c
 
     def set_temporal(self, attention: bool = True, conv: bool = True) -> None:
         """Switch the temporal attention layers (incl. the one after conv_in) and/or the temporal
@@ -745,6 +732,21 @@ class UNet3D(Model):
                 m.enabled = bool(attention)
             elif isinstance(m, TemporalConvBlock):
                 m.enabled = bool(conv)
+
+
+@contextmanager
+def _set_during(model: nn.Module, kind: type, name: str, value):
+    """Every `kind` module of `model` has attribute `name` = `value` for the duration of a block; each one's own
+    value is put back after it, on an error too."""
+    layers = [m for m in model.modules() if isinstance(m, kind)]
+    before = [getattr(m, name) for m in layers]
+    for m in layers:
+        setattr(m, name, value)
+    try:
+        yield
+    finally:
+        for m, v in zip(layers, before):
+            setattr(m, name, v)
 
 
 # ---------------------------------------------------------------------------------------------

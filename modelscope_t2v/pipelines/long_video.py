@@ -158,8 +158,7 @@ class LongVideoMethods:
             if windows and num_frames < windows.context_length:
                 raise ValueError(f"{what}: context_length {windows.context_length} is longer than the video "
                                  f"({num_frames} frames); use a context_length <= num_frames")
-        sliding = self._sliding_windows is not None and num_frames > self._sliding_windows.context_length
-        if loop and not sliding and self._free_noise is not None and self._free_noise[1] != "random":
+        if loop and not self._sliding_in_use(num_frames) and self._free_noise is not None and self._free_noise[1] != "random":
             length = self._free_noise[0].context_length
             if num_frames > length and num_frames % length:
                 raise ValueError(
@@ -173,6 +172,10 @@ class LongVideoMethods:
                     f"enable_free_init: FreeInit re-noises each result to t={t_max}, where this scheduler keeps no "
                     "signal (zero terminal SNR, rescale_betas_zero_snr=True): every iteration would start from "
                     "pure noise again. Use FreeInit with a model whose schedule keeps signal at its last timestep")
+
+    def _sliding_in_use(self, num_frames: int) -> bool:
+        """Whether the sliding windows split a video of `num_frames` (they are on and it is longer than one)."""
+        return self._sliding_windows is not None and num_frames > self._sliding_windows.context_length
 
     def _unet_windows(self, loop: bool = False):
         """A context: FreeNoise's windows on the UNet's temporal attention for this call (else as it is); closed
@@ -226,10 +229,9 @@ class LongVideoMethods:
                        loop: bool = False) -> torch.Tensor:
         """unet_call(x, context) over the sliding windows' frames (a per-frame context sliced with them); closed
         into a loop for a loop."""
-        windows = self._sliding_windows
-        if windows is None or x.shape[2] <= windows.context_length:
+        if not self._sliding_in_use(x.shape[2]):
             return unet_call(x, context)
-        windows = windows.looped() if loop else windows
+        windows = self._sliding_windows.looped() if loop else self._sliding_windows
         return windows.fuse(lambda xw, frames: unet_call(xw, context if context.ndim == 3 else context[:, frames]), x, dim=2)
 
     def _pins(self, image, last_image, loop: bool, init_video, num_init_frames, strength, height, width,

@@ -260,8 +260,8 @@ class TextToVideoSDPipeline(ComponentMethods, LoraMethods, LongVideoMethods, Acc
             return new
 
         try:
-            sliding = self._sliding_windows is not None and latents.shape[2] > self._sliding_windows.context_length
-            wrap = loop and not sliding  # the whole video goes through the UNet at once: its convs and windows wrap
+            # a loop whose whole video goes through the UNet at once: its convs and FreeNoise's windows wrap around
+            wrap = loop and not self._sliding_in_use(latents.shape[2])
             with self._placement.placed(unet), lora.scaled(unet, lora_scale), self._unet_windows(wrap), \
                     (unet.circular_frames() if wrap else nullcontext()):
                 return self.scheduler.sample(model_fn, latents, timesteps, generator=generator,
